@@ -1,0 +1,172 @@
+"""Writing results safely and saying what produced them.
+
+Every output file is written to a temporary name beside its destination and renamed
+into place only when complete (`atomic_path`), so an interrupted job never leaves a
+file that looks finished. Every result JSON carries a provenance block
+(`provenance`): the cell, the resolved settings, the package version, a hash of the
+inputs, wall time and the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from dpdm import __version__
+
+
+class DPDMError(RuntimeError):
+    """A user-facing error: the message names the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes.
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path; on success rename it to `path`, on error delete it.
+
+    The temporary file lives in the destination's folder (same filesystem, so the
+    rename is atomic) and keeps the destination's suffix (numpy/matplotlib infer the
+    format from it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy/torch scalars, paths and tuples into plain JSON types."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    return obj
+
+
+# ----------------------------------------------------------------------------
+# Hashing and provenance.
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Stable hash of a JSON-able object (keys sorted)."""
+    text = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def device_name(device: Any = None) -> str:
+    import torch
+
+    device = torch.device(device) if device is not None else pick_device()
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def provenance(
+    *,
+    cell: dict | None = None,
+    settings: dict | None = None,
+    inputs: list[str | os.PathLike] | None = None,
+    started: float | None = None,
+    device: Any = None,
+) -> dict:
+    """The block that every output JSON carries under the key "provenance"."""
+    import torch
+
+    inputs = [Path(p) for p in (inputs or [])]
+    return {
+        "dpdm_version": __version__,
+        "torch_version": torch.__version__,
+        "cell": cell,
+        "settings": settings,
+        "inputs": {str(p): sha256_file(p) for p in inputs if p.is_file()},
+        "wall_time_s": None if started is None else round(time.time() - started, 3),
+        "device": device_name(device),
+        "host": platform.node(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ----------------------------------------------------------------------------
+# Devices and seeds.
+
+
+def pick_device(preference: str = "auto"):
+    """CUDA when there is one (or when asked), CPU otherwise."""
+    import torch
+
+    if preference == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise DPDMError(f"device '{preference}' was requested but CUDA is not available; use --device cpu or auto")
+    return torch.device(preference)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

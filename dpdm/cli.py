@@ -1,0 +1,236 @@
+"""`python -m dpdm <command>`: the one entry point every workflow rule calls.
+
+Commands that work on a cell take its settings either resolved by the workflow
+(`--settings JSON`, a JSON string or file) or from config files and the cell's
+coordinates (`--config config/smoke.yaml --dataset digits --eps 10 --seed 0`).
+Imports of heavy modules happen inside each command so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dpdm.artifacts import DPDMError
+
+log = logging.getLogger("dpdm")
+
+
+def _add_settings_args(p: argparse.ArgumentParser, need_cell: bool = True) -> None:
+    g = p.add_argument_group("cell settings (either --settings, or --config with the cell)")
+    g.add_argument("--settings", help="resolved cell settings: a JSON string or a .json file")
+    g.add_argument("--config", action="append", default=[], help="config YAML (repeatable; later files win)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set defaults.train.epochs=2")
+    g.add_argument("--dataset")
+    g.add_argument("--eps", type=float)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _read_json_arg(text: str) -> dict:
+    """A JSON string, or the path of a JSON file."""
+    if not text.lstrip().startswith("{"):
+        text = Path(text).read_text()
+    return json.loads(text)
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    from dpdm import config as cfg
+
+    if args.settings:
+        return _read_json_arg(args.settings)
+    if args.dataset is None or args.eps is None:
+        raise DPDMError("give --settings, or --dataset and --eps (with --config files) to resolve the cell")
+    config = cfg.load_config(args.config, args.overrides)
+    return cfg.resolve_cell(config, args.dataset, args.eps, args.seed)
+
+
+def cmd_prepare(args):
+    from dpdm import config as cfg
+    from dpdm import data
+
+    raw = cfg.env_or(args.raw_dir, "DPDM_RAW_DIR")
+    data.prepare(
+        args.dataset,
+        out_dir=Path(args.out),
+        raw_dir=Path(raw) if raw else None,
+        download=not args.no_download,
+        digits_size=args.digits_size,
+    )
+
+
+def cmd_fetch_weights(args):
+    from dpdm import fid
+
+    fid.fetch_weights(Path(args.out))
+
+
+def cmd_fid_ref(args):
+    from dpdm import config as cfg
+    from dpdm import fid
+
+    fid.compute_reference(
+        data_dir=Path(args.data),
+        split=args.split,
+        out_path=Path(args.out),
+        extractor=args.extractor,
+        weights_path=cfg.env_or(args.weights, "DPDM_FID_WEIGHTS"),
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+
+
+def cmd_fid(args):
+    from dpdm import config as cfg
+    from dpdm import fid
+
+    fid.compute_fid(
+        samples_path=Path(args.samples),
+        ref_path=Path(args.ref),
+        out_path=Path(args.out),
+        extractor=args.extractor,
+        weights_path=cfg.env_or(args.weights, "DPDM_FID_WEIGHTS"),
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        device=args.device,
+        settings=_read_json_arg(args.settings) if args.settings else None,
+    )
+
+
+def cmd_train(args):
+    from dpdm import train
+
+    train.train(_settings(args), data_dir=Path(args.data), out_dir=Path(args.out),
+                checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None)
+
+
+def cmd_sample(args):
+    from dpdm import sampling
+
+    sampling.generate(
+        _settings(args),
+        model_path=Path(args.model),
+        sampler_name=args.sampler,
+        out_path=Path(args.out),
+        grid_path=Path(args.grid) if args.grid else None,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+    )
+
+
+def cmd_classify(args):
+    from dpdm import classifiers
+
+    classifiers.classify(_settings(args), samples_path=Path(args.samples), test_path=Path(args.test),
+                         classifier=args.classifier, out_path=Path(args.out))
+
+
+def cmd_baseline(args):
+    from dpdm import classifiers
+
+    classifiers.dp_baseline(_settings(args), data_dir=Path(args.data), classifier=args.classifier,
+                            out_path=Path(args.out))
+
+
+def cmd_report(args):
+    from dpdm import report
+
+    report.build_report(results_dir=Path(args.results), out_dir=Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dpdm", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="raw files -> data/{dataset}/{train,test}.npz + meta.json")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True, help="output folder, e.g. data/mnist")
+    p.add_argument("--raw-dir", help="folder of raw files (env DPDM_RAW_DIR overrides)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing raw files")
+    p.add_argument("--digits-size", type=int, default=28, choices=[16, 28])
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("fetch-weights", help="download pytorch-fid's Inception weights (needs the internet)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_fetch_weights)
+
+    def add_fid_args(p):
+        p.add_argument("--extractor", default="inception", choices=["inception", "untrained"],
+                       help="'untrained' = random weights, for offline TESTS ONLY")
+        p.add_argument("--weights", help="Inception weights file (env DPDM_FID_WEIGHTS overrides)")
+        p.add_argument("--batch-size", type=int, default=200)
+        p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("fid-ref", help="Inception statistics of a real split")
+    p.add_argument("--data", required=True, help="prepared dataset folder, e.g. data/mnist")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--out", required=True)
+    add_fid_args(p)
+    p.set_defaults(func=cmd_fid_ref)
+
+    p = sub.add_parser("fid", help="FID of a samples .npz against reference statistics")
+    p.add_argument("--samples", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-samples", type=int, help="use the first N samples (default: all)")
+    p.add_argument("--settings", help="cell settings to record in the result (JSON string or file)")
+    add_fid_args(p)
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("train", help="train one cell's DP diffusion model")
+    _add_settings_args(p)
+    p.add_argument("--data", required=True, help="prepared dataset folder, e.g. data/mnist")
+    p.add_argument("--out", required=True, help="cell folder: model.pt, privacy.json, train_metrics.csv")
+    p.add_argument("--checkpoint-dir", help="where to keep resumable checkpoints (default: OUT/checkpoints)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate samples from a trained model")
+    _add_settings_args(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--sampler", required=True, help="a sampler name from the cell's settings.samplers")
+    p.add_argument("--out", required=True, help="samples_{sampler}.npz")
+    p.add_argument("--grid", help="grid_{sampler}.png")
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("classify", help="train a classifier on samples, test on the real test set")
+    _add_settings_args(p)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--test", required=True, help="real test split, e.g. data/mnist/test.npz")
+    p.add_argument("--classifier", required=True, choices=["logreg", "mlp", "cnn"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("baseline", help="DP-SGD classifier trained on real data (paper Table 2)")
+    _add_settings_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--classifier", required=True, choices=["logreg", "mlp", "cnn"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("report", help="result JSONs -> LaTeX/CSV tables and figures")
+    p.add_argument("--results", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except DPDMError as e:
+        print(f"dpdm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
