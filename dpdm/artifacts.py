@@ -65,9 +65,17 @@ def load_json(path: str | os.PathLike) -> Any:
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Like np.savez (uncompressed), but atomic and byte-reproducible (fixed zip
+    timestamps), so equal arrays give equal file checksums."""
+    import zipfile
+
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, arr in arrays.items():
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                with zf.open(info, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
