@@ -138,7 +138,7 @@ def cmd_baseline(args):
 def cmd_report(args):
     from dpdm import report
 
-    report.build_report(results_dir=Path(args.results), out_dir=Path(args.out))
+    report.build_report([Path(p) for p in args.inputs], out_dir=Path(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("report", help="result JSONs -> LaTeX/CSV tables and figures")
-    p.add_argument("--results", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="results folder: writes OUT/tables and OUT/figures")
+    p.add_argument("inputs", nargs="+", help="privacy.json, train_metrics.csv, fid_*.json, classify_*.json, baseline JSONs")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -30,11 +30,17 @@ DEFAULTS_FILE = PACKAGE_DIR / "defaults.yaml"
 SCHEMA_FILE = PACKAGE_DIR / "config.schema.yaml"  # symlink to workflow/schemas/config.schema.yaml
 
 
+# A level that names these keys replaces the whole mapping instead of merging into it:
+# a dataset that lists its samplers gets exactly those, not the defaults' ones too.
+REPLACED_KEYS = frozenset({"samplers"})
+
+
 def deep_merge(base: dict, override: dict) -> dict:
-    """Return base updated by override; nested dicts merge, everything else is replaced."""
+    """Return base updated by override; nested dicts merge (except REPLACED_KEYS),
+    everything else is replaced."""
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in REPLACED_KEYS:
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

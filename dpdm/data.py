@@ -49,7 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dpdm import __version__
-from dpdm.artifacts import DPDMError, atomic_path, save_json, save_npz, sha256_file
+from dpdm.artifacts import DPDMError, save_json, save_npz, sha256_file
 
 log = logging.getLogger("dpdm.data")
 

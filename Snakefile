@@ -1,0 +1,30 @@
+# DPDM: every table and figure of "Differentially Private Diffusion Models"
+# (Dockhorn, Cao, Vahdat, Kreis; TMLR 2023), end to end.
+#
+#   snakemake all --cores 2 --configfile config/smoke.yaml   # tiny, offline, CPU
+#   snakemake --profile slurm all                             # the paper, on SLURM
+#
+# Config: config/config.yaml (+ --configfile overrides), validated against
+# workflow/schemas/config.schema.yaml; every key is documented in config/README.md.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/sample.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_cell_outputs(),
+        report_outputs(),

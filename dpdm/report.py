@@ -1,0 +1,391 @@
+"""Result files -> the paper's tables (LaTeX + CSV) and figures (PDF + PNG).
+
+Every number comes from a result file written by another stage; nothing is typed in
+by hand. Files are recognised by name (DESIGN.md's layout):
+
+    {results}/{dataset}/{eps}/seed{seed}/privacy.json            the privacy ledger
+    {results}/{dataset}/{eps}/seed{seed}/train_metrics.csv       training curves
+    {results}/{dataset}/{eps}/seed{seed}/fid_{sampler}.json
+    {results}/{dataset}/{eps}/seed{seed}/classify_{sampler}_{classifier}.json
+    {results}/{dataset}/baseline/{eps}/seed{seed}/{classifier}.json
+
+Tables (paper numbering): table1 = FID and downstream accuracy of class-conditional
+datasets (Table 1); table2 = DP-SGD classifiers on real data vs. classifiers trained on
+our samples (Table 2); table4 = FID of unconditional datasets (CelebA, Table 4);
+privacy = the ledger of every trained model. With several seeds a cell shows
+mean ± std. FIDs computed with the untrained (test-only) extractor are labelled so in
+every table and figure that shows them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dpdm.artifacts import DPDMError, atomic_path, load_json
+
+log = logging.getLogger("dpdm.report")
+
+PRETTY_DATASET = {
+    "mnist": "MNIST",
+    "fashion_mnist": "Fashion-MNIST",
+    "celeba32": "CelebA 32",
+    "cifar10": "CIFAR-10",
+    "digits": "Digits",
+}
+PRETTY_CLASSIFIER = {"logreg": "Log Reg", "mlp": "MLP", "cnn": "CNN"}
+CLASSIFIERS = ["logreg", "mlp", "cnn"]
+UNTRAINED_NOTE = "FID from an UNTRAINED extractor (test-only mode): not comparable to the paper"
+
+_CELL = r"(?P<dataset>[a-z0-9_]+)/eps(?P<eps>[0-9.e+-]+)/seed(?P<seed>[0-9]+)"
+PATTERNS = {
+    "privacy": re.compile(_CELL + r"/privacy\.json$"),
+    "metrics": re.compile(_CELL + r"/train_metrics\.csv$"),
+    "fid": re.compile(_CELL + r"/fid_(?P<sampler>[A-Za-z0-9-]+)\.json$"),
+    "classify": re.compile(_CELL + r"/classify_(?P<sampler>[A-Za-z0-9-]+)_(?P<classifier>logreg|mlp|cnn)\.json$"),
+    "baseline": re.compile(
+        r"(?P<dataset>[a-z0-9_]+)/baseline/eps(?P<eps>[0-9.e+-]+)/seed(?P<seed>[0-9]+)/(?P<classifier>logreg|mlp|cnn)\.json$"
+    ),
+}
+
+
+# ----------------------------------------------------------------------------
+# Collecting results.
+
+
+def _classify_path(path: Path) -> tuple[str, dict] | None:
+    text = path.as_posix()
+    for kind in ("baseline", "privacy", "metrics", "fid", "classify"):
+        m = PATTERNS[kind].search(text)
+        if m:
+            info = m.groupdict()
+            info["eps"] = float(info["eps"])
+            info["seed"] = int(info["seed"])
+            return kind, info
+    return None
+
+
+def collect(paths: list[Path]) -> dict[str, pd.DataFrame]:
+    """Read every result file into one tidy DataFrame per kind."""
+    rows: dict[str, list[dict]] = {k: [] for k in PATTERNS}
+    for path in paths:
+        found = _classify_path(Path(path))
+        if found is None:
+            log.warning("ignoring %s: not a result file this report knows", path)
+            continue
+        kind, info = found
+        if kind == "metrics":
+            df = pd.read_csv(path)
+            for k, v in info.items():
+                df[k] = v
+            rows[kind].append(df)
+            continue
+        data = load_json(path)
+        if kind == "privacy":
+            info.update(
+                sigma=data["sigma"], q=data["sample_rate"], steps=data["steps"], K=data["noise_multiplicity"],
+                C=data["clip"], delta=data["delta"], target_eps=data["target_eps"],
+                eps_rdp=data["eps_rdp"], eps_prv=data["eps_prv"], N=data["num_examples"],
+                expected_batch=data["expected_batch_size"], epochs=data["epochs"],
+            )
+        elif kind == "fid":
+            info.update(fid=data["fid"], test_only=bool(data.get("test_only", False)),
+                        extractor=data.get("extractor"), path=str(Path(path).parent))
+        elif kind in ("classify", "baseline"):
+            info.update(acc=100.0 * data["test_acc"])
+            if kind == "baseline":
+                info.update(eps_rdp=data["privacy"]["eps_rdp"])
+        rows[kind].append(info)
+    out = {}
+    for kind, r in rows.items():
+        if kind == "metrics":
+            out[kind] = pd.concat(r, ignore_index=True) if r else pd.DataFrame()
+        else:
+            out[kind] = pd.DataFrame(r)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Formatting.
+
+
+def _mean_std(values: pd.Series, digits: int) -> tuple[float, float, int]:
+    v = values.dropna().to_numpy(dtype=float)
+    if len(v) == 0:
+        return np.nan, np.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else np.nan, len(v)
+
+
+def _fmt(mean: float, std: float, n: int, digits: int, latex: bool) -> str:
+    if n == 0 or np.isnan(mean):
+        return "--"
+    s = f"{mean:.{digits}f}"
+    if n > 1:
+        s += (r" $\pm$ " if latex else " ± ") + f"{std:.{digits}f}"
+    return s
+
+
+def aggregate(df: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
+    """Mean, std and count over seeds of `value`, grouped by `keys`."""
+    rows = []
+    for k, g in df.groupby(keys, sort=True):
+        k = k if isinstance(k, tuple) else (k,)
+        mean, std, n = _mean_std(g[value], 0)
+        rows.append(dict(zip(keys, k), mean=mean, std=std, n=n))
+    return pd.DataFrame(rows)
+
+
+def eps_label(eps: float) -> str:
+    return f"ε={eps:g}"
+
+
+def _latex_eps(eps: float) -> str:
+    return f"$\\varepsilon={eps:g}$"
+
+
+def write_table(wide: pd.DataFrame, tidy: pd.DataFrame, out_dir: Path, name: str, caption: str) -> None:
+    """`wide` (strings) -> {name}.tex via Styler.to_latex (booktabs); `tidy` -> {name}.csv."""
+    tables = out_dir / "tables"
+    with atomic_path(tables / f"{name}.csv") as tmp:
+        tidy.to_csv(tmp, index=False)
+    latex = wide.style.to_latex(
+        hrules=True,  # \toprule, \midrule, \bottomrule: booktabs
+        caption=caption,
+        label=f"tab:{name}",
+        position_float="centering",
+        multicol_align="c",
+        multirow_align="naive",  # no \multirow: compiles with booktabs alone
+    )
+    with atomic_path(tables / f"{name}.tex") as tmp:
+        tmp.write_text(latex)
+
+
+def _escape(text: str) -> str:
+    return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+
+# ----------------------------------------------------------------------------
+# Tables.
+
+
+def table1(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
+    """Table 1: FID and Log Reg / MLP / CNN accuracy per (dataset, eps, sampler)."""
+    fid, clf = res["fid"], res["classify"]
+    fid = fid[fid["dataset"].isin(clf["dataset"].unique())] if len(clf) else fid.iloc[0:0]
+    untrained = bool(len(fid) and fid["test_only"].any())
+    fid_col = "FID (untrained, TEST ONLY)" if untrained else "FID"
+    tidy_rows, wide_rows = [], {}
+    for (ds, eps, sampler), g in fid.groupby(["dataset", "eps", "sampler"], sort=True):
+        m, s, n = _mean_std(g["fid"], 1)
+        tidy = dict(dataset=ds, eps=eps, sampler=sampler, fid_mean=m, fid_std=s, seeds=n, fid_test_only=untrained)
+        row_key = (_latex_eps(eps), _escape(sampler))
+        wide_rows.setdefault(row_key, {})[(PRETTY_DATASET.get(ds, ds), fid_col)] = _fmt(m, s, n, 1, True)
+        for c in CLASSIFIERS:
+            sel = clf[(clf["dataset"] == ds) & (clf["eps"] == eps) & (clf["sampler"] == sampler) & (clf["classifier"] == c)] if len(clf) else clf
+            cm, cs, cn = _mean_std(sel["acc"], 1) if len(sel) else (np.nan, np.nan, 0)
+            tidy[f"{c}_mean"], tidy[f"{c}_std"] = cm, cs
+            wide_rows[row_key][(PRETTY_DATASET.get(ds, ds), PRETTY_CLASSIFIER[c] + r" (\%)")] = _fmt(cm, cs, cn, 1, True)
+        tidy_rows.append(tidy)
+    wide = pd.DataFrame.from_dict(wide_rows, orient="index")
+    wide.index = pd.MultiIndex.from_tuples(wide.index, names=["", "sampler"])
+    wide.columns = pd.MultiIndex.from_tuples(wide.columns)
+    caption = "Class-conditional DP image generation: FID and accuracy of classifiers trained on 60k samples, tested on real data."
+    if untrained:
+        caption += " " + UNTRAINED_NOTE + "."
+    write_table(wide.fillna("--"), pd.DataFrame(tidy_rows), out_dir, "table1", caption)
+
+
+def table2(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
+    """Table 2: DP-SGD classifiers trained on real data vs. classifiers trained on our samples."""
+    base, clf = res["baseline"], res["classify"]
+    tidy_rows, wide_rows = [], {}
+    for (ds, eps), g in base.groupby(["dataset", "eps"], sort=True):
+        ours = clf[(clf["dataset"] == ds) & (clf["eps"] == eps)] if len(clf) else clf
+        for c in CLASSIFIERS:
+            bm, bs, bn = _mean_std(g[g["classifier"] == c]["acc"], 1)
+            # Ours: the best sampler setting of the cell for this classifier (mean over seeds).
+            best = (np.nan, np.nan, 0, None)
+            if len(ours):
+                for sampler, gs in ours[ours["classifier"] == c].groupby("sampler"):
+                    cand = _mean_std(gs["acc"], 1)
+                    if best[3] is None or cand[0] > best[0]:
+                        best = (*cand, sampler)
+            tidy_rows.append(dict(dataset=ds, eps=eps, classifier=c, dpsgd_mean=bm, dpsgd_std=bs,
+                                  dpdm_mean=best[0], dpdm_std=best[1], dpdm_sampler=best[3]))
+            row = wide_rows.setdefault(PRETTY_CLASSIFIER[c], {})
+            col = (PRETTY_DATASET.get(ds, ds), _latex_eps(eps))
+            row[col + ("DP-SGD",)] = _fmt(bm, bs, bn, 1, True)
+            row[col + ("DPDM",)] = _fmt(*best[:3], 1, True)
+    wide = pd.DataFrame.from_dict(wide_rows, orient="index")
+    wide.columns = pd.MultiIndex.from_tuples(wide.columns)
+    caption = ("Test accuracy (\\%) of classifiers trained with DP-SGD on real data vs. trained "
+               "non-privately on DPDM samples at the same privacy level.")
+    write_table(wide.fillna("--"), pd.DataFrame(tidy_rows), out_dir, "table2", caption)
+
+
+def table4(res: dict[str, pd.DataFrame], out_dir: Path, unconditional: set[str]) -> None:
+    """Table 4: FID of unconditional datasets (CelebA)."""
+    fid = res["fid"]
+    fid = fid[fid["dataset"].isin(unconditional)]
+    untrained = bool(len(fid) and fid["test_only"].any())
+    tidy_rows, wide_rows = [], {}
+    for (ds, eps, sampler), g in fid.groupby(["dataset", "eps", "sampler"], sort=True):
+        m, s, n = _mean_std(g["fid"], 1)
+        tidy_rows.append(dict(dataset=ds, eps=eps, sampler=sampler, fid_mean=m, fid_std=s, seeds=n, fid_test_only=untrained))
+        wide_rows.setdefault(_escape(sampler), {})[(PRETTY_DATASET.get(ds, ds), _latex_eps(eps))] = _fmt(m, s, n, 1, True)
+    wide = pd.DataFrame.from_dict(wide_rows, orient="index")
+    wide.columns = pd.MultiIndex.from_tuples(wide.columns)
+    caption = "FID of unconditional DP generation."
+    if untrained:
+        caption += " " + UNTRAINED_NOTE + "."
+    write_table(wide.fillna("--"), pd.DataFrame(tidy_rows), out_dir, "table4", caption)
+
+
+def privacy_table(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
+    """The ledger of every trained model: sigma, q, steps, K, and eps by both accountants."""
+    p = res["privacy"].sort_values(["dataset", "eps", "seed"])
+    cols = ["dataset", "eps", "seed", "N", "q", "expected_batch", "steps", "epochs", "K", "C", "sigma", "delta",
+            "target_eps", "eps_rdp", "eps_prv"]
+    tidy = p[cols].reset_index(drop=True)
+    wide = pd.DataFrame({
+        "dataset": [PRETTY_DATASET.get(d, d) for d in tidy["dataset"]],
+        "seed": tidy["seed"].astype(str),
+        r"$\sigma$": tidy["sigma"].map(lambda v: f"{v:.3f}"),
+        "$q$": tidy["q"].map(lambda v: f"{v:.4g}"),
+        "steps": tidy["steps"].astype(str),
+        "$K$": tidy["K"].astype(str),
+        "$C$": tidy["C"].map(lambda v: f"{v:g}"),
+        r"$\delta$": tidy["delta"].map(lambda v: f"{v:.0e}"),
+        r"target $\varepsilon$": tidy["target_eps"].map(lambda v: f"{v:g}"),
+        r"$\varepsilon$ (RDP)": tidy["eps_rdp"].map(lambda v: f"{v:.3f}"),
+        r"$\varepsilon$ (PRV)": tidy["eps_prv"].map(lambda v: f"{v:.3f}"),
+    })
+    caption = ("Privacy ledger of every trained model: $\\varepsilon$ recomputed by two accountants "
+               "from the recorded $\\sigma$, sampling rate $q$ and the steps actually taken.")
+    write_table(wide, tidy, out_dir, "privacy", caption)
+
+
+# ----------------------------------------------------------------------------
+# Figures.
+
+
+def _save_figure(fig, out_dir: Path, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    for ext in ("pdf", "png"):
+        with atomic_path(out_dir / "figures" / f"{name}.{ext}") as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _subplots(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(4.2 * max(n, 1), 3.4), squeeze=False)
+    return fig, axes[0]
+
+
+def fig_fid_vs_eps(res, out_dir: Path) -> None:
+    fid = res["fid"]
+    datasets = sorted(fid["dataset"].unique()) if len(fid) else []
+    fig, axes = _subplots(len(datasets))
+    for ax, ds in zip(axes, datasets):
+        agg = aggregate(fid[fid["dataset"] == ds], ["sampler", "eps"], "fid")
+        for sampler, g in agg.groupby("sampler"):
+            ax.errorbar(g["eps"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=sampler)
+        ax.set_xscale("log")
+        ax.set_xlabel("ε")
+        ax.set_ylabel("FID" + (" (untrained extractor: TEST ONLY)" if fid["test_only"].any() else ""))
+        ax.set_title(PRETTY_DATASET.get(ds, ds))
+        ax.legend(title="sampler")
+    _save_figure(fig, out_dir, "fid_vs_eps")
+
+
+def fig_acc_vs_eps(res, out_dir: Path) -> None:
+    clf, base = res["classify"], res["baseline"]
+    datasets = sorted(clf["dataset"].unique()) if len(clf) else []
+    fig, axes = _subplots(len(datasets))
+    for ax, ds in zip(axes, datasets):
+        agg = aggregate(clf[clf["dataset"] == ds], ["sampler", "classifier", "eps"], "acc")
+        for (sampler, c), g in agg.groupby(["sampler", "classifier"]):
+            ax.errorbar(g["eps"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3,
+                        label=f"DPDM {sampler}: {PRETTY_CLASSIFIER[c]}")
+        if len(base):
+            bagg = aggregate(base[base["dataset"] == ds], ["classifier", "eps"], "acc")
+            for c, g in bagg.groupby("classifier"):
+                ax.errorbar(g["eps"], g["mean"], yerr=g["std"].fillna(0), marker="s", linestyle="--", capsize=3,
+                            label=f"DP-SGD real: {PRETTY_CLASSIFIER[c]}")
+        ax.set_xscale("log")
+        ax.set_xlabel("ε")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(PRETTY_DATASET.get(ds, ds))
+        ax.legend(fontsize=6)
+    _save_figure(fig, out_dir, "acc_vs_eps")
+
+
+def fig_loss_curves(res, out_dir: Path) -> None:
+    m = res["metrics"]
+    datasets = sorted(m["dataset"].unique()) if len(m) else []
+    fig, axes = _subplots(len(datasets))
+    for ax, ds in zip(axes, datasets):
+        for (eps, seed), g in m[m["dataset"] == ds].groupby(["eps", "seed"]):
+            ax.plot(g["step"], g["loss"], label=f"ε={eps:g}, seed {seed}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (K-averaged)")
+        ax.set_yscale("log")
+        ax.set_title(PRETTY_DATASET.get(ds, ds))
+        ax.legend(fontsize=7)
+    _save_figure(fig, out_dir, "loss_curves")
+
+
+def fig_samples(res, out_dir: Path, dataset: str) -> None:
+    """The sample grid of every (eps, sampler) of one dataset (first seed)."""
+    import matplotlib.image as mpimg
+
+    fid = res["fid"]
+    sel = fid[fid["dataset"] == dataset].sort_values(["sampler", "eps", "seed"]).drop_duplicates(["sampler", "eps"])
+    fig, axes = _subplots(len(sel))
+    for ax, (_, row) in zip(axes, sel.iterrows()):
+        grid = Path(row["path"]) / f"grid_{row['sampler']}.png"
+        if grid.is_file():
+            ax.imshow(mpimg.imread(grid), cmap="gray")
+        ax.set_title(f"ε={row['eps']:g}, {row['sampler']}")
+        ax.axis("off")
+    _save_figure(fig, out_dir, f"samples_{dataset}")
+
+
+# ----------------------------------------------------------------------------
+# Entry point.
+
+
+def build_report(inputs: list[Path], out_dir: Path) -> None:
+    """Write every table and figure that `inputs` can fill into out_dir/{tables,figures}."""
+    from dpdm.data import DATASETS
+
+    if not inputs:
+        raise DPDMError("report needs at least one result file")
+    res = collect(inputs)
+    if res["privacy"].empty:
+        raise DPDMError("no privacy.json among the report's inputs: every table needs a trained cell")
+    datasets = set(res["privacy"]["dataset"])
+    conditional = {d for d in datasets if DATASETS[d].num_classes > 0}
+    privacy_table(res, out_dir)
+    if conditional:
+        table1(res, out_dir)
+        fig_acc_vs_eps(res, out_dir)
+    if not res["baseline"].empty:
+        table2(res, out_dir)
+    if datasets - conditional:
+        table4(res, out_dir, datasets - conditional)
+    fig_fid_vs_eps(res, out_dir)
+    fig_loss_curves(res, out_dir)
+    for ds in sorted(datasets):
+        fig_samples(res, out_dir, ds)
+    log.info("wrote tables and figures to %s", out_dir)

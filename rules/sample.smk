@@ -1,0 +1,27 @@
+# Stage 3: samples from a trained model with each of the cell's named samplers.
+
+
+rule sample:
+    input:
+        model=CELL + "/model.pt",
+    output:
+        samples=CELL + "/samples_{sampler}.npz",
+        grid=report(
+            CELL + "/grid_{sampler}.png",
+            caption="../workflow/report/grid.rst",
+            category="Samples",
+            subcategory="{dataset} {eps}",
+            labels={"dataset": "{dataset}", "eps": "{eps}", "seed": "{seed}", "sampler": "{sampler}"},
+        ),
+    params:
+        settings=stage_settings("sample"),
+        code=code_hash("data", "networks", "diffusion", "sampling"),
+    resources:
+        **rule_resources("sample"),
+    log:
+        CELL + "/logs/sample_{sampler}.log",
+    benchmark:
+        CELL + "/benchmarks/sample_{sampler}.tsv"
+    shell:
+        "python -m dpdm sample --settings {params.settings:q} --model {input.model:q}"
+        " --sampler {wildcards.sampler} --out {output.samples:q} --grid {output.grid:q} > {log:q} 2>&1"

@@ -1,0 +1,120 @@
+"""Config loading, merging, validation and cell resolution (dpdm/config.py + schema)."""
+
+from pathlib import Path
+
+import pytest
+
+from dpdm import config as cfg
+from dpdm.artifacts import DPDMError
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "config" / "config.yaml"
+SMOKE = REPO / "config" / "smoke.yaml"
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_shipped_configs_are_valid():
+    cfg.load_config([])
+    cfg.load_config([PAPER])
+    cfg.load_config([PAPER, SMOKE])
+    cfg.load_config([SMOKE])
+
+
+def test_paper_grid_cells_and_per_cell_settings():
+    c = cfg.load_config([PAPER])
+    cells = cfg.iter_cells(c)
+    assert len(cells) == 8  # MNIST x3, Fashion-MNIST x3, CelebA x2
+    assert ("celeba32", 1.0, 0) in cells
+    mnist02 = cfg.resolve_cell(c, "mnist", 0.2, 0)
+    mnist10 = cfg.resolve_cell(c, "mnist", 10, 0)
+    assert mnist02["diffusion"]["precond"] == "v"
+    assert mnist10["diffusion"]["precond"] == "edm"
+    assert mnist10["train"]["batch_size"] == 4096 and mnist10["train"]["epochs"] == 300
+    assert mnist10["train"]["noise_multiplicity"] == 32 and mnist10["privacy"]["clip"] == 1.0
+    assert mnist10["privacy"]["delta"] == 1e-5 and mnist10["privacy"]["target_eps"] == 10.0
+    assert set(mnist10["samplers"]) == {"fid", "acc"}  # samplers replace the defaults' set
+    celeba = cfg.resolve_cell(c, "celeba32", 1, 0)
+    assert celeba["train"]["batch_size"] == 2048 and celeba["privacy"]["delta"] == 1e-6
+    assert celeba["model"]["attn_resolutions"] == [8, 16]
+    assert mnist10["cell"] == {"dataset": "mnist", "eps": 10.0, "eps_tag": "eps10", "seed": 0}
+
+
+def test_smoke_overrides_replace_the_grid():
+    c = cfg.load_config([PAPER, SMOKE])
+    assert {ds for ds, _, _ in cfg.iter_cells(c)} == {"digits"}
+    assert c["fid"]["extractor"] == "untrained"
+
+
+def test_eps_tags():
+    assert [cfg.eps_tag(e) for e in (0.2, 1, 1.0, 10)] == ["eps0.2", "eps1", "eps1", "eps10"]
+    assert cfg.parse_eps("eps0.2") == 0.2 and cfg.parse_eps("10") == 10.0
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("bogus: 1\n", "bogus"),
+        ("defaults:\n  train:\n    lr: fast\n", "defaults.train.lr"),
+        ("defaults:\n  train:\n    learning_rate: 0.1\n", "defaults.train"),
+        ("defaults:\n  privacy:\n    delta: 2\n", "defaults.privacy.delta"),
+        ("experiments:\n  - {dataset: mnist, eps: [-1]}\n", "experiments.0.eps.0"),
+        ("defaults:\n  model:\n    dropout: 0.1\n", "defaults.model.dropout"),
+        ("defaults:\n  samplers:\n    fid: {kind: euler}\n", "defaults.samplers.fid.kind"),
+        ("fid:\n  extractor: resnet\n", "fid.extractor"),
+    ],
+)
+def test_schema_rejects_bad_configs_naming_the_key(tmp_path, text, key):
+    with pytest.raises(DPDMError) as e:
+        cfg.load_config([write(tmp_path, text)])
+    assert f"'{key}'" in str(e.value)
+
+
+def test_unknown_dataset_is_named(tmp_path):
+    with pytest.raises(DPDMError, match="imagenet"):
+        cfg.load_config([write(tmp_path, "experiments:\n  - {dataset: imagenet, eps: [1]}\n")])
+    with pytest.raises(DPDMError, match="unknown dataset 'svhn'"):
+        cfg.resolve_cell(cfg.load_config([]), "svhn", 1, 0)
+
+
+def test_nonpositive_eps_is_rejected():
+    with pytest.raises(DPDMError, match="epsilon must be > 0"):
+        cfg.resolve_cell(cfg.load_config([]), "mnist", 0, 0)
+
+
+def test_merge_order_defaults_dataset_cell_variant(tmp_path):
+    p = write(tmp_path, """
+defaults: {train: {lr: 0.1, epochs: 7}}
+datasets:
+  mnist:
+    settings: {train: {lr: 0.2}}
+    cells:
+      1: {train: {lr: 0.3}}
+""")
+    c = cfg.load_config([p])
+    assert cfg.resolve_cell(c, "mnist", 10, 0)["train"]["lr"] == 0.2
+    assert cfg.resolve_cell(c, "mnist", 1, 0)["train"]["lr"] == 0.3
+    assert cfg.resolve_cell(c, "mnist", 1, 0)["train"]["epochs"] == 7
+    assert cfg.resolve_cell(c, "mnist", 1, 0, variant={"train": {"lr": 0.4}})["train"]["lr"] == 0.4
+    assert cfg.resolve_cell(c, "fashion_mnist", 1, 0)["train"]["lr"] == 0.1
+
+
+def test_command_line_overrides_are_parsed_as_yaml():
+    c = cfg.load_config([], ["defaults.train.epochs=2", "seeds=[0, 1]"])
+    assert c["defaults"]["train"]["epochs"] == 2 and c["seeds"] == [0, 1]
+    with pytest.raises(DPDMError, match="key.sub=value"):
+        cfg.load_config([], ["nonsense"])
+
+
+def test_settings_hash_is_stable():
+    from dpdm.artifacts import sha256_json
+
+    c = cfg.load_config([PAPER])
+    a = cfg.resolve_cell(c, "mnist", 1, 0)
+    b = cfg.resolve_cell(cfg.load_config([PAPER]), "mnist", 1, 0)
+    assert sha256_json(a) == sha256_json(b)
+    assert sha256_json(a) != sha256_json(cfg.resolve_cell(c, "mnist", 1, 1))
