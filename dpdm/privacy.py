@@ -3,13 +3,48 @@
 Accounting is stock Opacus: `calibrate_sigma` finds the noise multiplier for a target
 (epsilon, delta), `spent_epsilon` recomputes epsilon from the steps actually taken.
 Every epsilon we report comes from an accountant, never from the config.
+
+The mechanism (`DPSGD`), one logical step:
+
+    batch  ~ Poisson(q):  each of the N examples independently with probability q
+                          (stock Opacus UniformWithReplacementSampler, seeded generator)
+    g_i    = grad of example i's loss (its K noise draws averaged INSIDE the loss),
+             exact, by torch.func (vmap over examples of grad; chunked: at most
+             chunk x P per-example gradient numbers exist at once)
+    update = ( sum_i g_i * min(1, C / ||g_i||)  +  N(0, sigma^2 C^2 I) ) / (q N)
+
+then p.grad = update and the optimizer steps. ||g_i|| is the total L2 norm over all
+parameters; the noise is drawn once per logical step; the divisor is the EXPECTED
+batch size. An empty batch is a noise-only step. Micro-batching (physical_batch_size)
+and chunking (grad_chunk_size) only bound memory. Under torch.distributed rank 0 alone
+adds the noise before the all_reduce of the clipped sums (see `DPSGD`).
+
+`privacy_ledger` builds privacy.json: the mechanism's parameters and epsilon recomputed
+by RDP and by PRV from the steps the mechanism recorded.
+
+Randomness. The guarantee assumes the adversary cannot predict WHICH examples were
+sampled or WHAT noise was added. A seed written in a config or ledger would let anyone
+with the code regenerate both, so by default the Poisson sampler and the DP noise are
+seeded from OS entropy (`secrets`), shared across ranks by broadcast, and their state
+is kept only in training checkpoints (private files, like the data; deleted when
+training finishes): resume stays exact, a fresh run draws fresh randomness. Passing an
+integer `dp_seed` makes both reproducible (tests, debugging); the ledger then says the
+randomness is NOT secret. The generators are torch's (Mersenne Twister on CPU, Philox on
+CUDA), not cryptographic RNGs; Opacus' secure_mode (torchcsprng) is not used.
+Randomness that the guarantee does not rely on (initial weights, noise levels and noise
+of the diffusion loss, label dropout) is seeded from the cell seed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import TYPE_CHECKING
 
 from dpdm.artifacts import DPDMError
+
+if TYPE_CHECKING:
+    import torch
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -83,3 +118,560 @@ def calibrate_sigma(
 def steps_for(epochs: float, sample_rate: float) -> int:
     """Number of Poisson-sampled steps in `epochs` passes: ceil(epochs / q)."""
     return int(math.ceil(epochs / sample_rate - 1e-9))
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_one_step(noise_multiplier: float, sample_rate: float):
+    """Opacus' RDP curve of ONE subsampled Gaussian step at the RDPAccountant's default orders."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    curve = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                     orders=RDPAccountant.DEFAULT_ALPHAS)
+    curve.setflags(write=False)
+    return curve
+
+
+def epsilon_from_history(history, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon of a list of (noise_multiplier, sample_rate, steps) segments, composed.
+
+    This is how every reported epsilon is computed: from what the mechanism recorded
+    while it ran (`DPSGD.history`), not from the config. RDP is exactly what Opacus'
+    RDPAccountant computes (its per-step RDP curve times the steps, summed over
+    segments, then converted at its default orders); the per-step curve is cached, so
+    epsilon-so-far can be logged every step at no cost.
+    """
+    history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    if not history:
+        return 0.0
+    if accountant == "rdp":
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis import rdp as rdp_analysis
+
+        curve = sum(_rdp_one_step(s, q) * n for s, q, n in history)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta)
+        return float(eps)
+    acc = _make_accountant(accountant)
+    acc.history = history
+    return float(acc.get_epsilon(delta=delta))
+
+
+CALIBRATIONS = ("tight", "opacus")
+
+
+@functools.lru_cache(maxsize=32)
+def noise_multiplier_for(
+    target_eps: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    *,
+    accountant: str = "rdp",
+    calibration: str = "tight",
+) -> float:
+    """The noise multiplier sigma for a planned run, by the configured calibration.
+
+    tight:  `calibrate_sigma` (bisection, relative tolerance 1e-3 on epsilon).
+    opacus: `opacus.accountants.utils.get_noise_multiplier` with its default absolute
+            tolerance 0.01 (the paper's code path; over-noises at small epsilon).
+    Either way the result is checked: epsilon(sigma) <= target with the same accountant.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise DPDMError(f"privacy.accountant = '{accountant}' is unknown; choose one of {ACCOUNTANTS}")
+    if steps < 1:
+        raise DPDMError(f"cannot calibrate noise for {steps} steps; check train.epochs and train.max_steps")
+    if calibration == "tight":
+        sigma = calibrate_sigma(target_eps, delta, sample_rate, steps, accountant)
+    elif calibration == "opacus":
+        from opacus.accountants.utils import get_noise_multiplier
+
+        sigma = float(get_noise_multiplier(target_epsilon=target_eps, target_delta=delta,
+                                           sample_rate=sample_rate, steps=steps, accountant=accountant))
+    else:
+        raise DPDMError(f"privacy.calibration = '{calibration}' is unknown; choose one of {CALIBRATIONS}")
+    eps = spent_epsilon(sigma, sample_rate, steps, delta, accountant)
+    if not eps <= target_eps:  # never trust a calibration routine blindly
+        raise DPDMError(f"calibrated sigma = {sigma} gives epsilon = {eps} > target {target_eps} ({accountant})")
+    return float(sigma)
+
+
+# ----------------------------------------------------------------------------
+# Poisson sampling.
+
+
+def poisson_sampler(num_examples: int, sample_rate: float, generator):
+    """Stock Opacus Poisson sampler: every example independently with probability q.
+
+    One iteration of the returned sampler is one logical batch (possibly empty); each
+    iteration consumes exactly one `torch.rand(N)` from `generator`, so saving and
+    restoring the generator's state resumes the sequence of batches exactly.
+    """
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    if generator is None:
+        raise DPDMError("Poisson sampling needs an explicit, seeded torch.Generator")
+    return UniformWithReplacementSampler(num_samples=int(num_examples), sample_rate=float(sample_rate),
+                                         generator=generator, steps=1)
+
+
+def draw_poisson_batch(sampler) -> "torch.Tensor":
+    """One logical batch: a sorted int64 tensor of example indices (may be empty)."""
+    import torch
+
+    (indices,) = list(iter(sampler))
+    return torch.as_tensor(indices, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------
+# Per-example gradients.
+#
+# `loss_fn(module, *example) -> scalar` is the loss of ONE example; everything that
+# is random (noise levels, noise, label dropout) is drawn outside and passed in as
+# part of the example, so the loss is a deterministic function of (weights, example).
+# With noise multiplicity, one example carries its K noise draws and the loss
+# averages over them: the gradient of that average is the example's gradient, and
+# it is clipped as one unit (the sensitivity is per example, not per draw).
+
+
+def _trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _example_dims(examples):
+    return tuple(None if e is None else 0 for e in examples)
+
+
+def _batch_len(examples) -> int:
+    sizes = {int(e.shape[0]) for e in examples if e is not None}
+    if len(sizes) != 1:
+        raise ValueError(f"every per-example tensor needs the same leading (batch) size, got {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _select(examples, rows):
+    return tuple(None if e is None else e[rows] for e in examples)
+
+
+def _functional_loss(model, loss_fn):
+    """f(params, *example) -> (loss, loss): loss_fn(model, *example) evaluated with `params`.
+
+    `params` maps the model's trainable parameter names to tensors; buffers and frozen
+    parameters come from the model itself. Built on torch.func.functional_call, so it
+    can be differentiated with torch.func.grad and batched with torch.func.vmap.
+    """
+    import torch
+
+    class _Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, *example):
+            return loss_fn(self.m, *example)
+
+    wrapped = _Loss()
+
+    def f(params, *example):
+        loss = torch.func.functional_call(wrapped, {"m." + n: t for n, t in params.items()}, args=example)
+        if loss.ndim != 0:
+            raise ValueError(f"the per-example loss must be a scalar, got shape {tuple(loss.shape)}")
+        return loss, loss.detach()
+
+    return f
+
+
+def iter_per_example_grads(model, loss_fn, examples, chunk_size=None):
+    """Yield (rows, grads, losses) for consecutive chunks of at most `chunk_size` examples.
+
+    grads maps each trainable parameter name to a [chunk, *param.shape] tensor: the
+    exact gradient of loss_fn(model, *example_i) for each example i of the chunk,
+    computed with torch.func (vmap over the example axis of grad). Only one chunk of
+    per-example gradients (chunk x P numbers) exists at a time.
+    """
+    import torch
+
+    examples = tuple(examples)
+    n = _batch_len(examples)
+    if n == 0:
+        return
+    chunk = n if chunk_size is None else max(1, int(chunk_size))
+    params = {name: p.detach() for name, p in _trainable(model)}
+    f = _functional_loss(model, loss_fn)
+    batched = torch.func.vmap(torch.func.grad(f, has_aux=True), in_dims=(None,) + _example_dims(examples))
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        grads, losses = batched(params, *_select(examples, rows))
+        yield rows, grads, losses
+
+
+def per_example_grads(model, loss_fn, examples, chunk_size=None):
+    """(grads, losses): every example's exact gradient, stacked ([B, *shape] per parameter).
+
+    Holds B x P numbers; training uses `clipped_grad_sum`, which never does.
+    """
+    import torch
+
+    parts = list(iter_per_example_grads(model, loss_fn, examples, chunk_size))
+    names = [name for name, _ in _trainable(model)]
+    if not parts:
+        device = next(model.parameters()).device
+        return ({name: torch.zeros((0,) + tuple(p.shape), device=device) for name, p in _trainable(model)},
+                torch.zeros(0, device=device))
+    grads = {name: torch.cat([g[name] for _, g, _ in parts]) for name in names}
+    return grads, torch.cat([loss for _, _, loss in parts])
+
+
+def per_example_grads_loop(model, loss_fn, examples):
+    """Reference implementation: one ordinary autograd pass per example (slow, obviously right)."""
+    import torch
+
+    examples = tuple(examples)
+    n = _batch_len(examples)
+    named = _trainable(model)
+    grads = {name: [] for name, _ in named}
+    losses = []
+    for i in range(n):
+        loss = loss_fn(model, *(None if e is None else e[i] for e in examples))
+        gs = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        for (name, p), g in zip(named, gs):
+            grads[name].append(torch.zeros_like(p) if g is None else g.detach())
+        losses.append(loss.detach())
+    device = next(model.parameters()).device
+    return ({name: torch.stack(v) if v else torch.zeros((0,) + tuple(p.shape), device=device)
+             for (name, p), v in zip(named, grads.values())},
+            torch.stack(losses) if losses else torch.zeros(0, device=device))
+
+
+def per_example_norms(grads: dict) -> "torch.Tensor":
+    """Total L2 norm of each example's gradient over ALL parameters: [B]."""
+    import torch
+
+    sq = [g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads.values()]
+    return torch.stack(sq, dim=1).sum(dim=1).sqrt()
+
+
+def clip_factors(norms, clip: float):
+    """min(1, C / ||g||) per example (the 1e-6 keeps ||clipped g|| strictly below C)."""
+    return (clip / (norms + 1e-6)).clamp(max=1.0)
+
+
+def clipped_grad_sum(model, loss_fn, examples, clip: float, chunk_size=None):
+    """(sum_i clip(g_i), norms, losses) over the examples, chunk by chunk.
+
+    sum maps each trainable parameter name to a tensor of the parameter's shape;
+    norms are the per-example gradient norms BEFORE clipping; losses the per-example
+    losses. Memory: one chunk of per-example gradients at a time.
+    """
+    import torch
+
+    sums = {name: torch.zeros_like(p, memory_format=torch.contiguous_format) for name, p in _trainable(model)}
+    norms, losses = [], []
+    for _, grads, loss in iter_per_example_grads(model, loss_fn, examples, chunk_size):
+        norm = per_example_norms(grads)
+        finite = torch.isfinite(norm)
+        # An example whose gradient is not finite contributes zero (still at most C:
+        # the bound holds) instead of turning the whole update into NaN.
+        factor = torch.where(finite, clip_factors(norm, clip), torch.zeros_like(norm))
+        all_finite = bool(finite.all())
+        for name, g in grads.items():
+            if not all_finite:
+                g = torch.where(finite.view(-1, *([1] * (g.ndim - 1))), g, torch.zeros((), dtype=g.dtype,
+                                                                                        device=g.device))
+            sums[name].add_(torch.tensordot(factor.to(g.dtype), g, dims=1))
+        norms.append(norm)
+        losses.append(loss)
+    device = next(model.parameters()).device
+    return (sums,
+            torch.cat(norms) if norms else torch.zeros(0, device=device),
+            torch.cat(losses) if losses else torch.zeros(0, device=device))
+
+
+# ----------------------------------------------------------------------------
+# The mechanism.
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """An independent 63-bit seed for one named random stream of a run."""
+    import hashlib
+
+    digest = hashlib.sha256(f"dpdm:{int(seed)}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def secret_seed() -> int:
+    """A 63-bit seed from OS entropy; under torch.distributed, rank 0's, broadcast to all ranks."""
+    import secrets
+
+    import torch
+    import torch.distributed as dist
+
+    value = secrets.randbits(63)
+    rank, world, active = _distributed()
+    if active and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.broadcast(t, src=0)
+        value = int(t.item())
+    return value
+
+
+def _distributed():
+    """(rank, world_size, active) of the default process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+class DPSGD:
+    """DP-SGD with Poisson sampling, per-example clipping and Gaussian noise.
+
+    One `step` is one logical batch of the Sampled Gaussian Mechanism:
+
+        g = ( sum_{i in batch} clip_C(grad_i)  +  N(0, sigma^2 C^2 I) ) / (q N)
+
+    * the batch comes from `sample()`: every example independently with probability
+      q (stock Opacus sampler, its own generator); an empty batch is still a step (its
+      update is pure noise) and is still counted by the accountant;
+    * grad_i is the exact gradient of the example's loss (the loss averages the K
+      noise draws of that example), clipped as one unit to total L2 norm <= C;
+    * the clipped gradients are summed in micro-batches of `physical_batch_size`
+      (chunks of `grad_chunk_size` inside): this bounds memory, not the mechanism;
+    * the noise is drawn ONCE per logical step, from `noise_generator`, and the sum is
+      divided by the EXPECTED batch size q N, never by the realised one (dividing by
+      the realised size would make the update's scale depend on the data).
+
+    torch.distributed (torchrun): every rank draws the SAME Poisson batch (same sampler
+    seed, broadcast from rank 0 when secret) and the same per-example randomness, and
+    handles a contiguous shard of it. Rank 0 alone adds the noise to its partial sum,
+    then the partial sums are all_reduced (SUM): the noise is in the total exactly
+    once and every rank ends with the identical gradient. Only rank 0's
+    `noise_generator` advances.
+
+    The ledger (`history`, `steps`) counts a step only after the update is applied.
+
+    dp_seed: None (default) seeds the sampler and the noise from OS entropy (secret);
+    an integer makes them reproducible and NOT secret (see the module docstring).
+    """
+
+    def __init__(self, loss_fn, *, noise_multiplier: float, max_grad_norm: float, num_examples: int,
+                 sample_rate: float, optimizer=None, physical_batch_size: int | None = None,
+                 grad_chunk_size: int | None = None, dp_seed: int | None = None, device=None):
+        import torch
+
+        if not noise_multiplier >= 0:
+            raise DPDMError(f"noise multiplier must be >= 0, got {noise_multiplier}")
+        if not max_grad_norm > 0:
+            raise DPDMError(f"privacy.clip must be > 0, got {max_grad_norm}")
+        if not int(num_examples) > 0:
+            raise DPDMError(f"the training set is empty (N = {num_examples})")
+        if not 0 < sample_rate <= 1:
+            raise DPDMError(f"sampling rate q = batch_size / N must be in (0, 1], got {sample_rate}; "
+                            "lower train.batch_size")
+        self.loss_fn = loss_fn
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.num_examples = int(num_examples)
+        self.sample_rate = float(sample_rate)
+        self.expected_batch_size = self.sample_rate * self.num_examples
+        self.optimizer = optimizer
+        self.physical_batch_size = physical_batch_size
+        self.grad_chunk_size = grad_chunk_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.secret_randomness = dp_seed is None
+        base = secret_seed() if dp_seed is None else int(dp_seed)
+        self.sampling_generator = torch.Generator(device="cpu").manual_seed(derive_seed(base, "poisson"))
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(derive_seed(base, "dp-noise"))
+        del base
+        self._sampler = poisson_sampler(self.num_examples, self.sample_rate, self.sampling_generator)
+        self.history: list[list] = []  # [[noise_multiplier, sample_rate, steps], ...] as an accountant's
+        self.steps = 0
+
+    # -- sampling ---------------------------------------------------------
+
+    def sample(self):
+        """The next logical batch: int64 indices into the training set (may be empty)."""
+        return draw_poisson_batch(self._sampler)
+
+    # -- the private gradient ------------------------------------------------
+
+    def private_grad(self, model, batch):
+        """Set p.grad to the noisy, clipped, normalised gradient of `batch`; return stats.
+
+        `batch` is a tuple of per-example tensors (leading dim = realised batch size,
+        entries may be None) passed to loss_fn(model, *example). It must be the whole
+        logical batch; under torch.distributed every rank passes the same batch.
+        """
+        import torch
+        import torch.distributed as dist
+
+        batch = tuple(batch)
+        rank, world, active = _distributed()
+        n = _batch_len(batch) if any(e is not None for e in batch) else 0
+        shard = torch.arange(n).tensor_split(world)[rank] if world > 1 else None
+        local = batch if shard is None else tuple(None if e is None else e[shard] for e in batch)
+        n_local = n if shard is None else len(shard)
+
+        named = _trainable(model)
+        sums = {name: torch.zeros_like(p, memory_format=torch.contiguous_format) for name, p in named}
+        norms, losses = [], []
+        micro = n_local if not self.physical_batch_size else int(self.physical_batch_size)
+        for start in range(0, n_local, max(1, micro)):
+            part = _select(local, slice(start, min(n_local, start + micro)))
+            s, nm, ls = clipped_grad_sum(model, self.loss_fn, part, self.max_grad_norm, self.grad_chunk_size)
+            for name in sums:
+                sums[name].add_(s[name])
+            norms.append(nm)
+            losses.append(ls)
+        device = named[0][1].device
+        norms = torch.cat(norms) if norms else torch.zeros(0, device=device)
+        losses = torch.cat(losses) if losses else torch.zeros(0, device=device)
+
+        flat = torch.cat([sums[name].reshape(-1).float() for name, _ in named])
+        if rank == 0 and self.noise_multiplier > 0:
+            noise = torch.randn(flat.shape, generator=self.noise_generator, device=self.noise_generator.device,
+                                dtype=flat.dtype)
+            flat.add_(noise.to(flat.device), alpha=self.noise_multiplier * self.max_grad_norm)
+        stats = torch.tensor([float(n_local), losses.double().sum().item(),
+                              float((norms > self.max_grad_norm).sum().item()), norms.double().sum().item()],
+                             dtype=torch.float64, device=flat.device)
+        if active and world > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        flat.div_(self.expected_batch_size)
+
+        offset = 0
+        for name, p in named:
+            k = p.numel()
+            p.grad = flat[offset:offset + k].view_as(p).to(p.dtype).clone()
+            offset += k
+        count, loss_sum, clipped, norm_sum = stats.tolist()
+        if int(round(count)) != n:
+            raise RuntimeError(f"distributed shards cover {count} examples, expected {n}")
+        nan = float("nan")
+        return {
+            "batch_size": n,
+            "loss": loss_sum / n if n else nan,
+            "frac_clipped": clipped / n if n else nan,
+            "grad_norm": norm_sum / n if n else nan,
+        }
+
+    def step(self, model, batch) -> dict:
+        """One DP-SGD step on `batch` (see `private_grad`), then the optimizer's step."""
+        stats = self.private_grad(model, batch)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._record_step()
+        stats["step"] = self.steps
+        return stats
+
+    # -- the ledger --------------------------------------------------------
+
+    def _record_step(self):
+        if self.history and self.history[-1][0] == self.noise_multiplier and self.history[-1][1] == self.sample_rate:
+            self.history[-1][2] += 1
+        else:
+            self.history.append([self.noise_multiplier, self.sample_rate, 1])
+        self.steps += 1
+
+    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
+        """Epsilon spent by the steps taken so far."""
+        return epsilon_from_history(self.history, delta, accountant)
+
+    def state_dict(self) -> dict:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "num_examples": self.num_examples,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "history": [list(h) for h in self.history],
+            "secret_randomness": self.secret_randomness,
+            "sampling_generator": self.sampling_generator.get_state(),
+            "noise_generator": self.noise_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("noise_multiplier", "max_grad_norm", "num_examples", "sample_rate"):
+            if state[key] != getattr(self, key):
+                raise DPDMError(f"DP-SGD state was saved with {key} = {state[key]}, this run has {getattr(self, key)}")
+        self.steps = int(state["steps"])
+        self.history = [list(h) for h in state["history"]]
+        if sum(h[2] for h in self.history) != self.steps:
+            raise DPDMError("corrupt DP-SGD state: the accountant history does not add up to the step count")
+        self.secret_randomness = bool(state.get("secret_randomness", False))
+        self.sampling_generator.set_state(state["sampling_generator"].cpu())
+        self.noise_generator.set_state(state["noise_generator"].cpu())
+
+
+# ----------------------------------------------------------------------------
+# The privacy ledger (privacy.json).
+
+PRV_EPS_ERROR = 0.01  # Opacus PRVAccountant default: the reported value is its upper bound
+
+
+def privacy_ledger(*, history, num_examples: int, sample_rate: float, noise_multiplier: float, clip: float,
+                   noise_multiplicity: int, delta: float, target_eps: float, calibration: str, accountant: str,
+                   planned_steps: int, dataset_sha256: str | None, seed: int, provenance: dict | None,
+                   secret_randomness: bool = True) -> dict:
+    """What privacy.json records: the mechanism's parameters and the epsilon it spent.
+
+    Every epsilon here is recomputed by an accountant from `history` (the steps the
+    mechanism actually took, with their sigma and q), by RDP and by PRV.
+    """
+    import opacus
+
+    check_privacy_params(target_eps, delta, num_examples)
+    history = [[float(s), float(q), int(n)] for s, q, n in history]
+    steps = sum(n for _, _, n in history)
+    eps = {"rdp": epsilon_from_history(history, delta, "rdp")}
+    errors = {}
+    try:
+        eps["prv"] = epsilon_from_history(history, delta, "prv")
+    except Exception as e:  # PRV can fail numerically; RDP is then the guarantee
+        eps["prv"] = None
+        errors["prv"] = f"{type(e).__name__}: {e}"
+    calibrated = eps.get(accountant)
+    ledger = {
+        "mechanism": "DP-SGD: Poisson-subsampled Gaussian mechanism on per-example clipped gradients",
+        "neighbouring": "add/remove one training example (example-level DP)",
+        "covers": "model.pt (raw and EMA weights) and everything computed from it (samples, FID, classifiers)",
+        "not_covered": "train_metrics.csv (loss, fraction clipped, gradient norms are computed on private data "
+                       "without noise): do not publish it",
+        "num_examples": int(num_examples),
+        "sample_rate": float(sample_rate),
+        "expected_batch_size": float(sample_rate) * int(num_examples),
+        "steps": int(steps),
+        "planned_steps": int(planned_steps),
+        "epochs": steps * float(sample_rate),
+        "noise_multiplier": float(noise_multiplier),
+        "clip": float(clip),
+        "noise_std": float(noise_multiplier) * float(clip),
+        "noise_multiplicity": int(noise_multiplicity),
+        "delta": float(delta),
+        "target_eps": float(target_eps),
+        "calibration": {"method": calibration, "accountant": accountant,
+                        "tolerance": "relative 1e-3" if calibration == "tight" else "absolute 0.01 (Opacus default)"},
+        "eps_rdp": eps["rdp"],
+        "eps_prv": eps["prv"],
+        "within_target": calibrated is not None and calibrated <= float(target_eps),
+        "accountants": {
+            "rdp": {"library": "opacus", "version": opacus.__version__, "class": "RDPAccountant",
+                    "orders": "Opacus default"},
+            "prv": {"library": "opacus", "version": opacus.__version__, "class": "PRVAccountant",
+                    "eps_error": PRV_EPS_ERROR, "delta_error": float(delta) / 1000, "reported": "upper bound"},
+        },
+        "history": history,
+        "dataset_sha256": dataset_sha256,
+        "seed": int(seed),
+        "dp_randomness": ("secret: Poisson sampling and DP noise seeded from OS entropy, never recorded"
+                          if secret_randomness else
+                          "REPRODUCIBLE (dp_seed given): Poisson sampling and DP noise follow a known seed; the "
+                          "guarantee holds only against adversaries who do not know it"),
+        "provenance": provenance,
+    }
+    if errors:
+        ledger["accountant_errors"] = errors
+    return ledger
