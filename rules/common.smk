@@ -110,6 +110,14 @@ def rule_resources(rule_name):
     }
 
 
+def rule_threads(rule_name):
+    """Threads of a local job = its SLURM cpus_per_task (Snakemake exports them as
+    OMP_NUM_THREADS etc., so torch does not oversubscribe the cores)."""
+    r = dict(config["resources"].get("default", {}))
+    r.update(config["resources"].get(rule_name, {}))
+    return int(r.get("cpus_per_task", 1))
+
+
 def fid_weights_input(wildcards=None):
     """The Inception weights file the FID rules need (nothing for the untrained extractor)."""
     if config["fid"]["extractor"] != "inception":

@@ -43,6 +43,7 @@ rule fid_reference:
     params:
         fid=fid_args(),
         code=code_hash("data", "fid"),
+    threads: rule_threads("fid")
     resources:
         **rule_resources("fid"),
     log:

@@ -16,6 +16,7 @@ rule fid:
             f"--num-samples {config['fid']['num_samples']}" if config["fid"]["num_samples"] else ""
         ),
         code=code_hash("data", "fid"),
+    threads: rule_threads("fid")
     resources:
         **rule_resources("fid"),
     log:
@@ -36,6 +37,7 @@ rule classify:
     params:
         settings=stage_settings("classify"),
         code=code_hash("data", "classifiers"),
+    threads: rule_threads("classify")
     resources:
         **rule_resources("classify"),
     log:
@@ -56,6 +58,7 @@ rule baseline:
     params:
         settings=stage_settings("baseline"),
         code=code_hash("data", "privacy", "classifiers"),
+    threads: rule_threads("baseline")
     resources:
         **rule_resources("baseline"),
     log:

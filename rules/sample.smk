@@ -16,6 +16,7 @@ rule sample:
     params:
         settings=stage_settings("sample"),
         code=code_hash("data", "networks", "diffusion", "sampling"),
+    threads: rule_threads("sample")
     resources:
         **rule_resources("sample"),
     log:

@@ -14,6 +14,7 @@ rule train:
     params:
         settings=stage_settings("train"),
         code=code_hash("data", "networks", "diffusion", "privacy", "train"),
+    threads: rule_threads("train")
     resources:
         **rule_resources("train"),
     log:

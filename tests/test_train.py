@@ -1,0 +1,251 @@
+"""The training loop: outputs, ledger, exact resume after a signal or a crash, config guard."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpdm import config as cfg
+from dpdm import privacy, train
+from dpdm.artifacts import DPDMError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads that outnumber the
+    free cores spin at barriers and slow tiny-network steps down by 10x or more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    from dpdm import data
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    data.prepare("digits", out_dir=out, download=False, digits_size=16)
+    return out
+
+
+def tiny_settings(**train_overrides) -> dict:
+    config = cfg.load_config([])
+    s = cfg.resolve_cell(config, "digits", 1, 0)
+    s["device"] = "cpu"
+    s["data"]["digits_size"] = 16
+    s["model"].update(channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    s["train"].update(batch_size=32, epochs=2, noise_multiplicity=2, physical_batch_size=24, grad_chunk_size=16,
+                      checkpoint_every=100, log_every=1)
+    s["train"].update(train_overrides)
+    return s
+
+
+def _state(out: Path) -> dict:
+    return torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+
+
+def _metrics(out: Path) -> list[dict]:
+    with open(out / "train_metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _signal_after(monkeypatch, step: int, signum=signal.SIGUSR1):
+    """Deliver a real signal to this process right after DP step `step` completes."""
+    original = privacy.DPSGD.step
+
+    def step_then_signal(self, model, batch):
+        stats = original(self, model, batch)
+        if self.steps == step:
+            os.kill(os.getpid(), signum)
+        return stats
+
+    monkeypatch.setattr(privacy.DPSGD, "step", step_then_signal)
+
+
+def _crash_at(monkeypatch, step: int):
+    original = privacy.DPSGD.step
+
+    def step_or_crash(self, model, batch):
+        if self.steps + 1 == step:
+            raise RuntimeError("simulated node failure")
+        return original(self, model, batch)
+
+    monkeypatch.setattr(privacy.DPSGD, "step", step_or_crash)
+
+
+def test_resume_after_signal_and_crash_is_exact(tmp_path, digits_dir, monkeypatch):
+    settings = tiny_settings(max_steps=6, checkpoint_every=2)
+    # Reference: 6 steps in one go (and only the train split is ever read).
+    from dpdm import data
+
+    splits = []
+    load_split = data.load_split
+    monkeypatch.setattr(data, "load_split", lambda d, split: splits.append(split) or load_split(d, split))
+    ref = tmp_path / "ref"
+    summary = train.train(settings, digits_dir, ref, dp_seed=1234)
+    assert splits == ["train"]
+    assert summary["steps"] == 6 and not (ref / "checkpoints").exists()
+
+    # Interrupted: SIGUSR1 after step 3 -> checkpoint, exit 75; resume; crash before step 5
+    # (periodic checkpoint at 4 survives); resume to the end.
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        _signal_after(m, 3)
+        with pytest.raises(SystemExit) as e:
+            train.train(settings, digits_dir, out, dp_seed=1234)
+    assert e.value.code == train.EXIT_CHECKPOINTED == 75
+    ckpt = out / "checkpoints" / "checkpoint.pt"
+    assert ckpt.exists()
+    assert not any((out / f).exists() for f in ("model.pt", "privacy.json", "train_metrics.csv"))
+    assert torch.load(ckpt, weights_only=True)["step"] == 3
+    assert not isinstance(signal.getsignal(signal.SIGUSR1), train.StopFlag)  # handlers restored
+    with monkeypatch.context() as m:
+        _crash_at(m, 5)
+        with pytest.raises(RuntimeError, match="simulated"):
+            train.train(settings, digits_dir, out)  # resumed: the checkpoint's generator state wins
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+    assert not (out / "privacy.json").exists()
+    train.train(settings, digits_dir, out)
+    assert not ckpt.exists()
+
+    a, b = _state(ref), _state(out)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    # EMA differs from the raw weights (it really is an average)
+    assert any(not torch.equal(a["model"][n], a["ema"][n]) for n in a["model"])
+
+    la, lb = (json.loads((d / "privacy.json").read_text()) for d in (ref, out))
+    assert la["steps"] == lb["steps"] == 6  # each step counted once
+    assert lb["history"] == [[la["noise_multiplier"], la["sample_rate"], 6]]
+    assert la["eps_rdp"] == lb["eps_rdp"] and la["eps_prv"] == lb["eps_prv"]
+    assert la["dp_randomness"].startswith("REPRODUCIBLE") and lb["dp_randomness"] == la["dp_randomness"]
+    ma, mb = _metrics(ref), _metrics(out)
+    assert [r["step"] for r in mb] == ["1", "2", "3", "4", "5", "6"]
+    for ra, rb in zip(ma, mb):
+        assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
+
+
+def test_checkpoint_from_a_different_config_is_refused(tmp_path, digits_dir, monkeypatch):
+    settings = tiny_settings(max_steps=3)
+    out = tmp_path / "cell"
+    with monkeypatch.context() as m:
+        _signal_after(m, 1, signal.SIGTERM)
+        with pytest.raises(SystemExit) as e:
+            train.train(settings, digits_dir, out)
+    assert e.value.code == train.EXIT_CHECKPOINTED
+    ckpt = out / "checkpoints" / "checkpoint.pt"
+    changed = tiny_settings(max_steps=3, lr=1e-3)
+    with pytest.raises(DPDMError, match="different config") as err:
+        train.train(changed, digits_dir, out)
+    assert str(ckpt) in str(err.value) and "train.lr" in str(err.value) and "Delete" in str(err.value)
+    assert ckpt.exists()  # never deleted behind the user's back
+    # settings that cannot change the weights do not invalidate it
+    harmless = tiny_settings(max_steps=3, log_every=2, physical_batch_size=8)
+    harmless["samplers"] = {"x": {"kind": "ddim", "steps": 3}}
+    summary = train.train(harmless, digits_dir, out)
+    assert summary["steps"] == 3 and not ckpt.exists()
+
+
+def test_dp_randomness_is_secret_by_default(tmp_path, digits_dir):
+    """Two fresh runs of the same cell: same initial weights (cell seed), different
+    Poisson batches and noise (OS entropy), so the published seed does not reveal them."""
+    settings = tiny_settings(max_steps=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.train(settings, digits_dir, a)
+    train.train(settings, digits_dir, b)
+    ma, mb = _state(a)["model"], _state(b)["model"]
+    assert any(not torch.equal(ma[n], mb[n]) for n in ma)
+    for d in (a, b):
+        assert json.loads((d / "privacy.json").read_text())["dp_randomness"].startswith("secret")
+
+
+def test_plan_and_privacy_errors(digits_dir):
+    s = tiny_settings()
+    p = train.plan(s, 1000)
+    assert p["sample_rate"] == pytest.approx(32 / 1000)
+    assert p["planned_steps"] == privacy.steps_for(2, 32 / 1000) == 63
+    assert privacy.spent_epsilon(p["noise_multiplier"], p["sample_rate"], 63, 1e-5) <= 1
+    assert train.plan(tiny_settings(max_steps=5), 1000)["planned_steps"] == 5
+    s_bad = tiny_settings()
+    s_bad["privacy"]["delta"] = 1e-2
+    with pytest.raises(DPDMError, match="delta"):
+        train.train(s_bad, digits_dir, digits_dir.parent / "never")
+    with pytest.raises(DPDMError, match="batch_size"):
+        train.plan(tiny_settings(batch_size=5000), 1000)
+    # the checkpoint hash ignores settings that do not affect training, and only those
+    h = train.training_settings_hash(s)
+    s2 = tiny_settings(log_every=7)
+    s2["fid"] = {"extractor": "untrained"}
+    assert train.training_settings_hash(s2) == h
+    assert train.training_settings_hash(tiny_settings(noise_multiplicity=3)) != h
+
+
+def test_cli_train_outputs_and_sigterm(tmp_path, digits_dir):
+    """`python -m dpdm train`: a real SIGTERM -> checkpoint + exit 75; rerun -> finished cell."""
+    settings = tiny_settings(max_steps=8)
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(json.dumps(settings))
+    out = tmp_path / "cell"
+    cmd = [sys.executable, "-m", "dpdm", "train", "--settings", str(settings_file), "--data", str(digits_dir),
+           "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    env.pop(train.DP_SEED_ENV, None)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    lines = []
+    deadline = time.time() + 120
+    for line in proc.stderr:
+        lines.append(line)
+        if "dpdm.train INFO step 2/8" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    rest = proc.stderr.read()
+    rc = proc.wait(timeout=120)
+    assert rc == train.EXIT_CHECKPOINTED, "".join(lines) + rest
+    assert "SIGTERM" in rest
+    assert (out / "checkpoints" / "checkpoint.pt").exists()
+    assert not (out / "privacy.json").exists() and not (out / "model.pt").exists()
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    assert not (out / "checkpoints").exists()
+
+    ledger = json.loads((out / "privacy.json").read_text())
+    assert ledger["steps"] == ledger["planned_steps"] == 8
+    assert ledger["num_examples"] == 1438 and ledger["sample_rate"] == pytest.approx(32 / 1438)
+    assert ledger["eps_rdp"] == pytest.approx(privacy.spent_epsilon(ledger["noise_multiplier"], 32 / 1438, 8, 1e-5))
+    assert ledger["eps_rdp"] <= ledger["target_eps"] == 1 and ledger["within_target"]
+    assert ledger["eps_prv"] is not None and ledger["eps_prv"] <= ledger["eps_rdp"]
+    assert ledger["noise_multiplicity"] == 2 and ledger["clip"] == 1.0 and ledger["seed"] == 0
+    meta = json.loads((digits_dir / "meta.json").read_text())
+    assert ledger["dataset_sha256"] == meta["npz_sha256"]["train.npz"]
+    assert ledger["calibration"]["method"] == "tight" and ledger["accountants"]["prv"]["version"]
+    assert ledger["provenance"]["cell"]["dataset"] == "digits"
+    assert ledger["dp_randomness"].startswith("secret")  # no DPDM_DP_SEED: resumed from the checkpoint's state
+
+    from dpdm import diffusion
+
+    precond, s, info = diffusion.load_model(out / "model.pt")
+    assert info["step"] == 8 and s["train"]["max_steps"] == 8
+    rows = _metrics(out)
+    assert list(rows[0]) == list(train.METRICS_COLUMNS)
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert float(rows[-1]["eps_rdp"]) == pytest.approx(ledger["eps_rdp"], rel=1e-5)
+    assert all(float(a["eps_rdp"]) < float(b["eps_rdp"]) for a, b in zip(rows, rows[1:]))
