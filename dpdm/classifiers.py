@@ -1,0 +1,538 @@
+"""Downstream classifiers: the paper's synthetic-train / real-test protocol and DP-SGD baselines.
+
+Models (paper Sec. 5 / App. C, after Cao et al. 2021): logistic regression, an MLP with
+one hidden layer of 100 ReLU units, and a CNN of three 3x3 convolutions (32, 64, 128
+channels, each followed by ReLU, 2x2 max-pooling and dropout 0.5), a 128-unit dense
+layer and the output layer. The CNN uses 'same' padding so it works for any input
+resolution >= 8 and any number of channels (28x28 -> 3x3x128 = 1152 features, as in
+the paper's MNIST CNN). There is no BatchNorm, so every model also trains under
+DP-SGD with Opacus. Inputs are scaled to [-1, 1] (x / 127.5 - 1) everywhere.
+
+`classify` (Tables 1, 3): train on the synthetic set (90 %), pick the epoch with the
+best accuracy on the held-out synthetic validation set (10 %, stratified), report the
+accuracy on the REAL test set at that epoch. The test set never influences anything.
+
+`dp_baseline` (Table 2): the same classifier trained on the real training set with
+DP-SGD (Opacus: per-example clipping, Gaussian noise, Poisson subsampling), the noise
+calibrated for (target epsilon, delta); the result carries a privacy ledger whose
+epsilons are recomputed by the accountants from the steps actually taken. It reports
+the LAST epoch: selecting a checkpoint with (a validation split of) the private data
+would leak privacy that the ledger does not account for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from dpdm.artifacts import DPDMError, pick_device, provenance, save_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+CLASSIFIERS = ("logreg", "mlp", "cnn")
+EVAL_BATCH_SIZE = 1000
+INPUT_SCALING = "[-1, 1] (x / 127.5 - 1)"
+
+
+# ----------------------------------------------------------------------------
+# Models.
+
+
+def _nn():
+    import torch.nn as nn
+
+    return nn
+
+
+def _hw(resolution) -> tuple[int, int]:
+    if isinstance(resolution, (tuple, list)):
+        h, w = (int(r) for r in resolution)
+    else:
+        h = w = int(resolution)
+    if h < 1 or w < 1:
+        raise DPDMError(f"image resolution must be positive, got {resolution}")
+    return h, w
+
+
+def LogReg(resolution, channels: int, num_classes: int):
+    """Multinomial logistic regression: one linear layer on the flattened image."""
+    nn = _nn()
+    h, w = _hw(resolution)
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * h * w, num_classes))
+
+
+def MLP(resolution, channels: int, num_classes: int, hidden: int = 100):
+    """One hidden layer of 100 ReLU units."""
+    nn = _nn()
+    h, w = _hw(resolution)
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def CNN(resolution, channels: int, num_classes: int, widths=(32, 64, 128), dense: int = 128, dropout: float = 0.5):
+    """Three [3x3 conv ('same') -> ReLU -> 2x2 max-pool -> dropout] stages, dense 128, output."""
+    nn = _nn()
+    h, w = _hw(resolution)
+    layers, c = [], channels
+    for width in widths:
+        layers += [nn.Conv2d(c, width, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout)]
+        c = width
+        h, w = h // 2, w // 2
+    if h < 1 or w < 1:
+        raise DPDMError(f"the CNN needs images of at least 8x8 pixels, got {resolution}")
+    layers += [nn.Flatten(), nn.Linear(c * h * w, dense), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dense, num_classes)]
+    return nn.Sequential(*layers)
+
+
+_BUILDERS = {"logreg": LogReg, "mlp": MLP, "cnn": CNN}
+
+
+def build_classifier(name: str, resolution, channels: int, num_classes: int):
+    """A fresh classifier (torch.nn.Module) for images of `resolution` x `channels`; logits out."""
+    if name not in _BUILDERS:
+        raise DPDMError(f"unknown classifier '{name}'; choose one of {list(CLASSIFIERS)}")
+    if num_classes < 2:
+        raise DPDMError(f"a classifier needs at least 2 classes, got num_classes = {num_classes}")
+    if channels < 1:
+        raise DPDMError(f"channels must be >= 1, got {channels}")
+    return _BUILDERS[name](resolution, int(channels), int(num_classes))
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+def _read_npz(path: Path, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    path = Path(path)
+    if not path.is_file():
+        raise DPDMError(f"{what} file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise DPDMError(f"{what} file {path} has no 'images' array (it holds {z.files})")
+            images = z["images"]
+            labels = z["labels"] if "labels" in z.files else None
+    except DPDMError:
+        raise
+    except Exception as e:
+        raise DPDMError(f"{what} file {path} is not a readable .npz ({type(e).__name__}: {e})") from e
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DPDMError(f"{what} file {path}: images must be uint8 N x H x W x C with C in (1, 3), "
+                        f"got {images.dtype} {images.shape}")
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+        if len(labels) != len(images):
+            raise DPDMError(f"{what} file {path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def _registry_num_classes(dataset: str | None) -> int | None:
+    if not dataset:
+        return None
+    try:
+        from dpdm.data import dataset_spec
+
+        return int(dataset_spec(dataset).num_classes)
+    except Exception:  # registry unavailable or unknown name: fall back to meta.json / labels
+        return None
+
+
+def _meta_num_classes(folder: Path) -> int | None:
+    import json
+
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("num_classes")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return None if value is None else int(value)
+
+
+def _num_classes(settings: dict, data_folder: Path, *label_sets: np.ndarray) -> int:
+    """Classes of the cell's dataset: registry, else meta.json, else the labels. 0 = unconditional."""
+    dataset = (settings.get("cell") or {}).get("dataset")
+    for source, value in (("dataset registry", _registry_num_classes(dataset)),
+                          (f"{data_folder}/meta.json", _meta_num_classes(data_folder))):
+        if value is not None:
+            log.debug("num_classes = %d (from the %s)", value, source)
+            return value
+    return int(max(int(lab.max(initial=-1)) for lab in label_sets) + 1)
+
+
+def _unconditional_error(what: str) -> DPDMError:
+    return DPDMError(
+        f"{what}: classification accuracy needs class labels, but this dataset/sample set is unconditional "
+        "(num_classes = 0, labels absent or -1). Classifier evaluation (paper Tables 1-3) applies only to "
+        "class-conditional datasets (mnist, fashion_mnist, cifar10, digits); remove 'classify'/'baseline' for it "
+        "from the config."
+    )
+
+
+def _check_labels(labels: np.ndarray | None, num_classes: int, what: str) -> np.ndarray:
+    if num_classes == 0 or labels is None or len(labels) == 0 or (labels < 0).any():
+        raise _unconditional_error(what)
+    if labels.max() >= num_classes:
+        raise DPDMError(f"{what}: label {labels.max()} is out of range 0..{num_classes - 1}")
+    return labels
+
+
+def _to_tensors(images: np.ndarray, labels: np.ndarray, device):
+    """uint8 NHWC -> uint8 NCHW on `device` (scaled per batch, which keeps memory at 1 byte/pixel)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    return x, y
+
+
+def _scale(x):
+    """uint8 -> float32 in [-1, 1]."""
+    return x.float() / 127.5 - 1.0
+
+
+def _accuracy(model, x, y, *, split: str = "", batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Top-1 accuracy of `model` (put in eval mode) on uint8 images `x`, labels `y`."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            logits = model(_scale(x[start:start + batch_size]))
+            correct += int((logits.argmax(dim=1) == y[start:start + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(len(y), 1)
+
+
+def _num_params(model) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Shuffled (train, val) index arrays, stratified by label when every class has >= 2 examples."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    n_val = math.ceil(val_fraction * len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if (counts[counts > 0].min() >= 2 and n_val >= len(counts[counts > 0])
+                          and len(labels) - n_val >= len(counts[counts > 0])) else None
+    if stratify is None:
+        log.warning("classify: some class has fewer than 2 samples (or the set is too small); "
+                    "the train/validation split is random, not stratified")
+    try:
+        train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, shuffle=True,
+                                              stratify=stratify)
+    except ValueError as e:
+        raise DPDMError(f"classify: cannot split {len(labels)} samples into train/validation "
+                        f"(val_fraction {val_fraction}): {e}") from e
+    return np.asarray(train_idx), np.asarray(val_idx), stratify is not None
+
+
+# ----------------------------------------------------------------------------
+# The synthetic-train / real-test protocol.
+
+
+def classify(settings: dict, samples_path, test_path, classifier: str, out_path) -> dict:
+    """Train `classifier` on samples, select by synthetic validation accuracy, test on real data -> JSON."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    started = time.time()
+    samples_path, test_path = Path(samples_path), Path(test_path)
+    cfg = settings["classify"]
+    seed = int((settings.get("cell") or {}).get("seed", 0))
+    epochs, batch_size, lr = int(cfg["epochs"]), int(cfg["batch_size"]), float(cfg["lr"])
+    val_fraction = float(cfg.get("val_fraction", 0.1))
+    device = pick_device(settings.get("device", "auto"))
+
+    syn_x, syn_y = _read_npz(samples_path, "samples")
+    test_x, test_y = _read_npz(test_path, "real test split")
+    num_classes = _num_classes(settings, test_path.parent, *(lab for lab in (syn_y, test_y) if lab is not None))
+    syn_y = _check_labels(syn_y, num_classes, f"samples {samples_path}")
+    test_y = _check_labels(test_y, num_classes, f"real test split {test_path}")
+    if syn_x.shape[1:] != test_x.shape[1:]:
+        raise DPDMError(f"samples are {syn_x.shape[1:]} (H, W, C) but the real test images are {test_x.shape[1:]}")
+    h, w, c = syn_x.shape[1:]
+
+    train_idx, val_idx, stratified = _stratified_split(syn_y, val_fraction, seed)
+    xtr, ytr = _to_tensors(syn_x[train_idx], syn_y[train_idx], device)
+    xva, yva = _to_tensors(syn_x[val_idx], syn_y[val_idx], device)
+    xte, yte = _to_tensors(test_x, test_y, device)
+
+    torch.manual_seed(seed)
+    model = build_classifier(classifier, (h, w), c, num_classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    log.info("classify %s: %d synthetic (%d train / %d val), %d real test, %d classes, %d epochs on %s",
+             classifier, len(syn_y), len(ytr), len(yva), len(yte), num_classes, epochs, device)
+
+    curves = {"epoch": [], "train_loss": [], "train_acc": [], "val_acc": [], "test_acc": [], "epoch_s": []}
+    train_started = time.time()
+    for epoch in tqdm(range(1, epochs + 1), desc=f"classify {classifier}", unit="epoch"):
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(ytr), generator=gen).to(device)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(perm), batch_size):
+            b = perm[start:start + batch_size]
+            logits = model(_scale(xtr[b]))
+            loss = F.cross_entropy(logits, ytr[b])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(b)
+            correct += int((logits.detach().argmax(1) == ytr[b]).sum())
+        val_acc = _accuracy(model, xva, yva, split="val")
+        test_acc = _accuracy(model, xte, yte, split="test")  # recorded for the curves; never used to choose
+        curves["epoch"].append(epoch)
+        curves["train_loss"].append(loss_sum / len(ytr))
+        curves["train_acc"].append(correct / len(ytr))
+        curves["val_acc"].append(val_acc)
+        curves["test_acc"].append(test_acc)
+        curves["epoch_s"].append(round(time.time() - t0, 3))
+        log.info("classify %s epoch %d/%d: train loss %.4f, val acc %.4f, test acc %.4f", classifier, epoch,
+                 epochs, curves["train_loss"][-1], val_acc, test_acc)
+    train_s = time.time() - train_started
+
+    best = int(np.argmax(curves["val_acc"]))  # earliest epoch among ties, by validation accuracy ONLY
+    result = {
+        "classifier": classifier,
+        "test_acc": curves["test_acc"][best],
+        "chosen_epoch": curves["epoch"][best],
+        "val_acc": curves["val_acc"][best],
+        "test_acc_last": curves["test_acc"][-1],
+        "val_acc_last": curves["val_acc"][-1],
+        "selection": ("epoch with the best accuracy on the held-out synthetic validation split (earliest on ties); "
+                      "the real test set is never used for selection, only evaluated"),
+        "protocol": "train on synthetic samples, select on synthetic validation, test on the real test set",
+        "num_classes": num_classes,
+        "image_shape": [int(h), int(w), int(c)],
+        "sizes": {"synthetic": int(len(syn_y)), "train": int(len(ytr)), "val": int(len(yva)),
+                  "test": int(len(yte))},
+        "split": {"val_fraction": val_fraction, "stratified": stratified, "seed": seed,
+                  "method": "sklearn.model_selection.train_test_split(shuffle=True)"},
+        "seed": seed,
+        "hyperparameters": {"optimizer": "adam", "lr": lr, "batch_size": batch_size, "epochs": epochs,
+                            "input_scaling": INPUT_SCALING, "loss": "cross-entropy"},
+        "num_params": _num_params(model),
+        "curves": curves,
+        "timing": {"train_s": round(train_s, 3), "total_s": round(time.time() - started, 3)},
+        "samples_path": str(samples_path),
+        "test_path": str(test_path),
+    }
+    result["provenance"] = provenance(cell=settings.get("cell"), settings=settings,
+                                      inputs=[samples_path, test_path], started=started, device=device)
+    save_json(out_path, result)
+    log.info("classify %s: real test accuracy %.4f at epoch %d (best validation %.4f); last epoch %.4f",
+             classifier, result["test_acc"], result["chosen_epoch"], result["val_acc"], result["test_acc_last"])
+    return result
+
+
+# ----------------------------------------------------------------------------
+# DP-SGD baselines on real data.
+
+
+def _noise_multiplier(target_eps: float, delta: float, q: float, steps: int, accountant: str,
+                      calibration: str) -> float:
+    from dpdm.privacy import calibrate_sigma, spent_epsilon
+
+    if calibration == "tight":
+        sigma = calibrate_sigma(target_eps, delta, q, steps, accountant)
+    elif calibration == "opacus":
+        from opacus.accountants.utils import get_noise_multiplier
+
+        sigma = float(get_noise_multiplier(target_epsilon=target_eps, target_delta=delta, sample_rate=q,
+                                           steps=steps, accountant=accountant))
+    else:
+        raise DPDMError(f"privacy.calibration = '{calibration}' is unknown; choose tight or opacus")
+    if not spent_epsilon(sigma, q, steps, delta, accountant) <= target_eps:
+        raise DPDMError(f"calibrated noise multiplier {sigma} exceeds the target epsilon {target_eps}")
+    return float(sigma)
+
+
+def _epsilons(sigma: float, q: float, steps: int, delta: float) -> dict:
+    from dpdm.privacy import ACCOUNTANTS, spent_epsilon
+
+    out = {}
+    for name in ACCOUNTANTS:
+        try:
+            out[name] = spent_epsilon(sigma, q, steps, delta, name)
+        except Exception as e:  # e.g. PRV outside its numerical range: say so instead of guessing
+            log.warning("epsilon by %s accountant failed: %s", name, e)
+            out[name] = None
+    return out
+
+
+def dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
+    """DP-SGD `classifier` on the real training set, evaluated on the real test set -> JSON with ledger."""
+    with warnings.catch_warnings():
+        # Opacus' "Secure RNG turned off" (recorded as secure_rng: false in the ledger) and torch's note that
+        # the first layer's full backward hook fires without input gradients (harmless for per-sample grads).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        return _dp_baseline(settings, data_dir, classifier, out_path)
+
+
+def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
+    import opacus
+    import torch
+    import torch.nn.functional as F
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+    from opacus.validators import ModuleValidator
+    from torch.utils.data import TensorDataset
+    from tqdm import tqdm
+
+    from dpdm.data import load_split
+    from dpdm.privacy import check_privacy_params, steps_for
+
+    started = time.time()
+    data_dir = Path(data_dir)
+    cfg, priv = settings["baseline"], settings["privacy"]
+    seed = int((settings.get("cell") or {}).get("seed", 0))
+    epochs, batch_size, lr, clip = int(cfg["epochs"]), int(cfg["batch_size"]), float(cfg["lr"]), float(cfg["clip"])
+    target_eps, delta = float(priv["target_eps"]), float(priv["delta"])
+    accountant = priv.get("accountant", "rdp")
+    calibration = priv.get("calibration", "tight")
+    if priv.get("sampling", "poisson") != "poisson":
+        raise DPDMError(f"privacy.sampling = {priv.get('sampling')!r}: only poisson sampling is supported")
+    device = pick_device(settings.get("device", "auto"))
+
+    train_x, train_y = load_split(data_dir, "train")
+    test_x, test_y = load_split(data_dir, "test")
+    num_classes = _num_classes(settings, data_dir, train_y, test_y)
+    train_y = _check_labels(train_y, num_classes, f"real training split {data_dir}/train.npz")
+    test_y = _check_labels(test_y, num_classes, f"real test split {data_dir}/test.npz")
+    h, w, c = train_x.shape[1:]
+
+    n = len(train_y)
+    check_privacy_params(target_eps, delta, n)
+    if not 1 <= batch_size <= n:
+        raise DPDMError(f"baseline.batch_size = {batch_size} must be in 1..N = {n}")
+    q = batch_size / n
+    steps = steps_for(epochs, q)
+    sigma = _noise_multiplier(target_eps, delta, q, steps, accountant, calibration)
+    log.info("baseline %s: N=%d q=%.6g steps=%d sigma=%.4f C=%g for eps=%g delta=%g (%s, %s)", classifier, n, q,
+             steps, sigma, clip, target_eps, delta, accountant, calibration)
+
+    torch.manual_seed(seed)
+    model = build_classifier(classifier, (h, w), c, num_classes)
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise DPDMError(f"classifier {classifier} is not DP-SGD compatible: {errors}")
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    x_cpu = torch.from_numpy(np.ascontiguousarray(train_x)).permute(0, 3, 1, 2).contiguous()
+    dataset = TensorDataset(x_cpu, torch.from_numpy(train_y))
+    # Opacus' Poisson sampler: every example independently with probability q per step.
+    loader = DPDataLoader(dataset, sample_rate=q, generator=torch.Generator().manual_seed(seed))
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    engine = PrivacyEngine(accountant=accountant)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip,
+        poisson_sampling=False,  # the loader already samples Poisson with rate exactly q = batch/N
+        noise_generator=noise_gen,
+    )
+    optimizer.expected_batch_size = batch_size  # the average of clipped+noised gradients divides by q*N
+    xte, yte = _to_tensors(test_x, test_y, device)
+
+    epoch_ends = [min(steps, steps_for(e, q)) for e in range(1, epochs + 1)]
+    curves = {"epoch": [], "step": [], "train_loss": [], "mean_batch": [], "test_acc": [], "epoch_s": []}
+    batches = iter(loader)
+    steps_taken, loss_sum, seen, epoch, t0 = 0, 0.0, 0, 0, time.time()
+    model.train()
+    with tqdm(total=steps, desc=f"dp-sgd {classifier}", unit="step", mininterval=5.0) as bar:
+        while steps_taken < steps:
+            try:
+                xb, yb = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                xb, yb = next(batches)
+            xb, yb = _scale(xb.to(device)), yb.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb, reduction="sum") / max(len(yb), 1)
+            loss.backward()
+            optimizer.step()
+            steps_taken += 1
+            loss_sum += float(loss.detach()) * len(yb)
+            seen += len(yb)
+            bar.update(1)
+            if steps_taken == epoch_ends[epoch]:
+                test_acc = _accuracy(model, xte, yte, split="test")  # curves only; nothing is selected
+                model.train()
+                n_steps = steps_taken - (curves["step"][-1] if curves["step"] else 0)
+                curves["epoch"].append(epoch + 1)
+                curves["step"].append(steps_taken)
+                curves["train_loss"].append(loss_sum / max(seen, 1))
+                curves["mean_batch"].append(seen / max(n_steps, 1))
+                curves["test_acc"].append(test_acc)
+                curves["epoch_s"].append(round(time.time() - t0, 3))
+                log.info("baseline %s epoch %d/%d (step %d): train loss %.4f, test acc %.4f", classifier,
+                         epoch + 1, epochs, steps_taken, curves["train_loss"][-1], test_acc)
+                epoch, loss_sum, seen, t0 = epoch + 1, 0.0, 0, time.time()
+
+    eps = _epsilons(sigma, q, steps_taken, delta)
+    ledger = {
+        "mechanism": "DP-SGD (Opacus): per-example gradient clipping, Gaussian noise, Poisson subsampling",
+        "N": n,
+        "sample_rate": q,
+        "expected_batch_size": batch_size,
+        "sampling": "poisson",
+        "epochs": epochs,
+        "steps_planned": steps,
+        "steps_taken": steps_taken,
+        "noise_multiplier": sigma,
+        "clip": clip,
+        "delta": delta,
+        "target_eps": target_eps,
+        "calibration": {"accountant": accountant, "method": calibration},
+        "epsilon": eps,
+        "epsilon_reported": eps.get(accountant),
+        "epsilon_source": "recomputed by the accountants from (noise_multiplier, sample_rate, steps_taken, delta)",
+        "opacus_version": opacus.__version__,
+        "secure_rng": False,
+        "data_sha256": sha256_file(data_dir / "train.npz"),
+        "model_selection": (
+            "last epoch. No validation split is carved out of the private training data and no checkpoint is "
+            "chosen: selecting an epoch with private data is itself a release that this ledger does not account "
+            "for. The real test set is only evaluated (curves), never used to choose."
+        ),
+        "hyperparameters_note": ("settings.baseline are fixed defaults; any tuning of them on private data is not "
+                                 "covered by this ledger"),
+    }
+    result = {
+        "classifier": classifier,
+        "test_acc": curves["test_acc"][-1],
+        "test_acc_last": curves["test_acc"][-1],
+        "chosen_epoch": curves["epoch"][-1],
+        "selection": "last epoch (no selection on private data)",
+        "num_classes": num_classes,
+        "image_shape": [int(h), int(w), int(c)],
+        "sizes": {"train": n, "test": int(len(yte))},
+        "seed": seed,
+        "hyperparameters": {"optimizer": "adam (on clipped, noised gradients)", "lr": lr, "batch_size": batch_size,
+                            "epochs": epochs, "clip": clip, "input_scaling": INPUT_SCALING,
+                            "loss": "cross-entropy"},
+        "num_params": _num_params(model),
+        "privacy": ledger,
+        "curves": curves,
+        "timing": {"total_s": round(time.time() - started, 3)},
+        "data_dir": str(data_dir),
+    }
+    result["provenance"] = provenance(cell=settings.get("cell"), settings=settings,
+                                      inputs=[data_dir / "train.npz", data_dir / "test.npz"], started=started,
+                                      device=device)
+    save_json(out_path, result)
+    log.info("baseline %s: real test accuracy %.4f after %d steps, eps(%s) = %.4f (target %g)", classifier,
+             result["test_acc"], steps_taken, accountant, eps.get(accountant) or float("nan"), target_eps)
+    return result
