@@ -15,7 +15,8 @@ accuracy on the REAL test set at that epoch. The test set never influences anyth
 `dp_baseline` (Table 2): the same classifier trained on the real training set with
 DP-SGD (Opacus: per-example clipping, Gaussian noise, Poisson subsampling), the noise
 calibrated for (target epsilon, delta); the result carries a privacy ledger whose
-epsilons are recomputed by the accountants from the steps actually taken. It reports
+epsilons are recomputed by the accountants from the steps actually taken (the same
+ledger as the generator's, dpdm.privacy.privacy_ledger, with K = 1). It reports
 the LAST epoch: selecting a checkpoint with (a validation split of) the private data
 would leak privacy that the ledger does not account for.
 """
@@ -341,41 +342,11 @@ def classify(settings: dict, samples_path, test_path, classifier: str, out_path)
 # DP-SGD baselines on real data.
 
 
-def _noise_multiplier(target_eps: float, delta: float, q: float, steps: int, accountant: str,
-                      calibration: str) -> float:
-    from dpdm.privacy import calibrate_sigma, spent_epsilon
-
-    if calibration == "tight":
-        sigma = calibrate_sigma(target_eps, delta, q, steps, accountant)
-    elif calibration == "opacus":
-        from opacus.accountants.utils import get_noise_multiplier
-
-        sigma = float(get_noise_multiplier(target_epsilon=target_eps, target_delta=delta, sample_rate=q,
-                                           steps=steps, accountant=accountant))
-    else:
-        raise DPDMError(f"privacy.calibration = '{calibration}' is unknown; choose tight or opacus")
-    if not spent_epsilon(sigma, q, steps, delta, accountant) <= target_eps:
-        raise DPDMError(f"calibrated noise multiplier {sigma} exceeds the target epsilon {target_eps}")
-    return float(sigma)
-
-
-def _epsilons(sigma: float, q: float, steps: int, delta: float) -> dict:
-    from dpdm.privacy import ACCOUNTANTS, spent_epsilon
-
-    out = {}
-    for name in ACCOUNTANTS:
-        try:
-            out[name] = spent_epsilon(sigma, q, steps, delta, name)
-        except Exception as e:  # e.g. PRV outside its numerical range: say so instead of guessing
-            log.warning("epsilon by %s accountant failed: %s", name, e)
-            out[name] = None
-    return out
-
-
 def dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
     """DP-SGD `classifier` on the real training set, evaluated on the real test set -> JSON with ledger."""
     with warnings.catch_warnings():
-        # Opacus' "Secure RNG turned off" (recorded as secure_rng: false in the ledger) and torch's note that
+        # Opacus' "Secure RNG turned off" (we seed its generators from OS entropy instead; the ledger's
+        # dp_randomness says which) and torch's note that
         # the first layer's full backward hook fires without input gradients (harmless for per-sample grads).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -392,8 +363,8 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
     from torch.utils.data import TensorDataset
     from tqdm import tqdm
 
+    from dpdm import privacy
     from dpdm.data import load_split
-    from dpdm.privacy import check_privacy_params, steps_for
 
     started = time.time()
     data_dir = Path(data_dir)
@@ -415,12 +386,12 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
     h, w, c = train_x.shape[1:]
 
     n = len(train_y)
-    check_privacy_params(target_eps, delta, n)
+    privacy.check_privacy_params(target_eps, delta, n)
     if not 1 <= batch_size <= n:
         raise DPDMError(f"baseline.batch_size = {batch_size} must be in 1..N = {n}")
     q = batch_size / n
-    steps = steps_for(epochs, q)
-    sigma = _noise_multiplier(target_eps, delta, q, steps, accountant, calibration)
+    steps = privacy.steps_for(epochs, q)
+    sigma = privacy.noise_multiplier_for(target_eps, delta, q, steps, accountant=accountant, calibration=calibration)
     log.info("baseline %s: N=%d q=%.6g steps=%d sigma=%.4f C=%g for eps=%g delta=%g (%s, %s)", classifier, n, q,
              steps, sigma, clip, target_eps, delta, accountant, calibration)
 
@@ -434,8 +405,14 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
     x_cpu = torch.from_numpy(np.ascontiguousarray(train_x)).permute(0, 3, 1, 2).contiguous()
     dataset = TensorDataset(x_cpu, torch.from_numpy(train_y))
     # Opacus' Poisson sampler: every example independently with probability q per step.
-    loader = DPDataLoader(dataset, sample_rate=q, generator=torch.Generator().manual_seed(seed))
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    # Which examples were sampled and what noise was added must be secret (OS entropy)
+    # unless a DP seed is given for reproducibility (see dpdm.privacy).
+    dp_seed = privacy.dp_seed_from_env()
+    base = privacy.secret_seed() if dp_seed is None else int(dp_seed)
+    loader = DPDataLoader(dataset, sample_rate=q,
+                          generator=torch.Generator().manual_seed(privacy.derive_seed(base, "poisson")))
+    noise_gen = torch.Generator(device=device).manual_seed(privacy.derive_seed(base, "dp-noise"))
+    del base
     engine = PrivacyEngine(accountant=accountant)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip,
@@ -445,7 +422,7 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
     optimizer.expected_batch_size = batch_size  # the average of clipped+noised gradients divides by q*N
     xte, yte = _to_tensors(test_x, test_y, device)
 
-    epoch_ends = [min(steps, steps_for(e, q)) for e in range(1, epochs + 1)]
+    epoch_ends = [min(steps, privacy.steps_for(e, q)) for e in range(1, epochs + 1)]
     curves = {"epoch": [], "step": [], "train_loss": [], "mean_batch": [], "test_acc": [], "epoch_s": []}
     batches = iter(loader)
     steps_taken, loss_sum, seen, epoch, t0 = 0, 0.0, 0, 0, time.time()
@@ -481,35 +458,20 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
                          epoch + 1, epochs, steps_taken, curves["train_loss"][-1], test_acc)
                 epoch, loss_sum, seen, t0 = epoch + 1, 0.0, 0, time.time()
 
-    eps = _epsilons(sigma, q, steps_taken, delta)
-    ledger = {
-        "mechanism": "DP-SGD (Opacus): per-example gradient clipping, Gaussian noise, Poisson subsampling",
-        "N": n,
-        "sample_rate": q,
-        "expected_batch_size": batch_size,
-        "sampling": "poisson",
-        "epochs": epochs,
-        "steps_planned": steps,
-        "steps_taken": steps_taken,
-        "noise_multiplier": sigma,
-        "clip": clip,
-        "delta": delta,
-        "target_eps": target_eps,
-        "calibration": {"accountant": accountant, "method": calibration},
-        "epsilon": eps,
-        "epsilon_reported": eps.get(accountant),
-        "epsilon_source": "recomputed by the accountants from (noise_multiplier, sample_rate, steps_taken, delta)",
-        "opacus_version": opacus.__version__,
-        "secure_rng": False,
-        "data_sha256": sha256_file(data_dir / "train.npz"),
-        "model_selection": (
-            "last epoch. No validation split is carved out of the private training data and no checkpoint is "
-            "chosen: selecting an epoch with private data is itself a release that this ledger does not account "
-            "for. The real test set is only evaluated (curves), never used to choose."
-        ),
-        "hyperparameters_note": ("settings.baseline are fixed defaults; any tuning of them on private data is not "
-                                 "covered by this ledger"),
-    }
+    ledger = privacy.privacy_ledger(
+        history=[[sigma, q, steps_taken]], num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=clip,
+        noise_multiplicity=1, delta=delta, target_eps=target_eps, calibration=calibration, accountant=accountant,
+        planned_steps=steps, dataset_sha256=sha256_file(data_dir / "train.npz"), seed=seed, provenance=None,
+        secret_randomness=dp_seed is None,
+        covers=f"the trained {classifier} (last epoch) and its reported test accuracy",
+        not_covered=("curves.train_loss (computed on private data without noise): do not publish it. The "
+                     "baseline hyperparameters are fixed defaults; tuning them on private data is not covered."))
+    ledger.update(
+        mechanism="DP-SGD (Opacus optimizer): per-example gradient clipping, Gaussian noise, Poisson subsampling",
+        model_selection=("last epoch. No validation split is carved out of the private training data and no "
+                         "checkpoint is chosen: selecting an epoch with private data is itself a release that this "
+                         "ledger does not account for. The real test set is only evaluated, never used to choose."),
+    )
     result = {
         "classifier": classifier,
         "test_acc": curves["test_acc"][-1],
@@ -533,6 +495,6 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
                                       inputs=[data_dir / "train.npz", data_dir / "test.npz"], started=started,
                                       device=device)
     save_json(out_path, result)
-    log.info("baseline %s: real test accuracy %.4f after %d steps, eps(%s) = %.4f (target %g)", classifier,
-             result["test_acc"], steps_taken, accountant, eps.get(accountant) or float("nan"), target_eps)
+    log.info("baseline %s: real test accuracy %.4f after %d steps, eps_rdp = %.4f, eps_prv = %s (target %g)",
+             classifier, result["test_acc"], steps_taken, ledger["eps_rdp"], ledger["eps_prv"], target_eps)
     return result

@@ -390,6 +390,25 @@ def clipped_grad_sum(model, loss_fn, examples, clip: float, chunk_size=None):
 # The mechanism.
 
 
+DP_SEED_ENV = "DPDM_DP_SEED"
+
+
+def dp_seed_from_env(dp_seed: int | None = None) -> int | None:
+    """The seed of the DP randomness: `dp_seed` if given, else $DPDM_DP_SEED if set, else
+    None (secret OS entropy). A known seed makes runs reproducible but NOT private against
+    anyone who knows it; every ledger records which."""
+    import os
+
+    text = os.environ.get(DP_SEED_ENV, "").strip()
+    if dp_seed is not None or not text:
+        return dp_seed
+    try:
+        return int(text)
+    except ValueError:
+        raise DPDMError(f"environment variable {DP_SEED_ENV} = {text!r} must be an integer "
+                        "(or unset, for secret DP randomness)") from None
+
+
 def derive_seed(seed: int, stream: str) -> int:
     """An independent 63-bit seed for one named random stream of a run."""
     import hashlib
@@ -609,13 +628,17 @@ class DPSGD:
 # ----------------------------------------------------------------------------
 # The privacy ledger (privacy.json).
 
+GENERATOR_COVERS = "model.pt (raw and EMA weights) and everything computed from it (samples, FID, classifiers)"
+GENERATOR_NOT_COVERED = ("train_metrics.csv (loss, fraction clipped, gradient norms are computed on private data "
+                         "without noise): do not publish it")
 PRV_EPS_ERROR = 0.01  # Opacus PRVAccountant default: the reported value is its upper bound
 
 
 def privacy_ledger(*, history, num_examples: int, sample_rate: float, noise_multiplier: float, clip: float,
                    noise_multiplicity: int, delta: float, target_eps: float, calibration: str, accountant: str,
                    planned_steps: int, dataset_sha256: str | None, seed: int, provenance: dict | None,
-                   secret_randomness: bool = True) -> dict:
+                   secret_randomness: bool = True, covers: str = GENERATOR_COVERS,
+                   not_covered: str = GENERATOR_NOT_COVERED) -> dict:
     """What privacy.json records: the mechanism's parameters and the epsilon it spent.
 
     Every epsilon here is recomputed by an accountant from `history` (the steps the
@@ -637,9 +660,8 @@ def privacy_ledger(*, history, num_examples: int, sample_rate: float, noise_mult
     ledger = {
         "mechanism": "DP-SGD: Poisson-subsampled Gaussian mechanism on per-example clipped gradients",
         "neighbouring": "add/remove one training example (example-level DP)",
-        "covers": "model.pt (raw and EMA weights) and everything computed from it (samples, FID, classifiers)",
-        "not_covered": "train_metrics.csv (loss, fraction clipped, gradient norms are computed on private data "
-                       "without noise): do not publish it",
+        "covers": covers,
+        "not_covered": not_covered,
         "num_examples": int(num_examples),
         "sample_rate": float(sample_rate),
         "expected_batch_size": float(sample_rate) * int(num_examples),

@@ -16,7 +16,7 @@
 
 Checkpoints ({checkpoint_dir}/checkpoint.pt; default {out}/checkpoints/, not a workflow
 output) are written every train.checkpoint_every steps and when SIGTERM or SIGUSR1
-arrives (SLURM sends one before the time limit: `--signal=USR1@60`). The handler only
+arrives (SLURM sends one before the time limit: `--signal=TERM@600` in the train rule's slurm_extra). The handler only
 sets a flag; the current step finishes, the checkpoint is saved, and the process exits
 with status EXIT_CHECKPOINTED (75, EX_TEMPFAIL of sysexits.h: "temporary failure, try
 again") so the scheduler retries; the retry resumes exactly: same weights, EMA,
@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 import csv
 import logging
-import os
 import random
 import signal
 import threading
@@ -248,9 +247,6 @@ def plan(settings: dict, num_examples: int) -> dict:
             "delta": delta}
 
 
-DP_SEED_ENV = "DPDM_DP_SEED"
-
-
 def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: int | None = None) -> dict:
     """Train one cell; write model.pt, privacy.json, train_metrics.csv. Returns a summary.
 
@@ -272,12 +268,7 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     rank, world, distributed = privacy._distributed()
     tr, pr = settings["train"], settings["privacy"]
     seed = int(settings.get("cell", {}).get("seed", 0))
-    if dp_seed is None and os.environ.get(DP_SEED_ENV, "").strip():
-        try:
-            dp_seed = int(os.environ[DP_SEED_ENV])
-        except ValueError:
-            raise DPDMError(f"environment variable {DP_SEED_ENV} = {os.environ[DP_SEED_ENV]!r} must be an integer "
-                            "(or unset, for secret DP randomness)") from None
+    dp_seed = privacy.dp_seed_from_env(dp_seed)
 
     # Data (train split only) and the plan.
     meta = data.load_meta(data_dir)
@@ -306,7 +297,7 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
                        dp_seed=dp_seed, device=device)
     if not dp.secret_randomness:
         log.warning("Poisson sampling and DP noise follow a fixed seed (dp_seed / %s): reproducible, but NOT secret",
-                    DP_SEED_ENV)
+                    privacy.DP_SEED_ENV)
     draw_gen = torch.Generator(device=device).manual_seed(privacy.derive_seed(seed, "diffusion-noise"))
     generators = {"diffusion_noise": draw_gen}
     images_t = torch.from_numpy(images)

@@ -212,21 +212,39 @@ def test_dp_baseline_ledger(tmp_path, digit_files):
     n = 1400
     q = 70 / n
     steps = steps_for(2, q)
-    assert led["N"] == n and led["sample_rate"] == pytest.approx(q) and led["sampling"] == "poisson"
-    assert led["steps_planned"] == steps and led["steps_taken"] == steps
+    assert led["num_examples"] == n and led["sample_rate"] == pytest.approx(q)
+    assert led["planned_steps"] == steps and led["steps"] == steps and led["history"] == [[led["noise_multiplier"], q, steps]]
     assert led["noise_multiplier"] == pytest.approx(calibrate_sigma(10.0, 1e-4, q, steps, "rdp"), rel=1e-12)
-    assert led["clip"] == 1.0 and led["delta"] == 1e-4 and led["target_eps"] == 10.0
-    assert 0 < led["epsilon"]["rdp"] <= 10.0
-    assert led["epsilon"]["rdp"] == pytest.approx(spent_epsilon(led["noise_multiplier"], q, steps, 1e-4, "rdp"))
-    assert led["epsilon"]["prv"] is not None and 0 < led["epsilon"]["prv"] <= led["epsilon"]["rdp"] * 1.01
-    assert led["epsilon_reported"] == led["epsilon"]["rdp"]
-    assert led["data_sha256"] == sha256_file(data / "train.npz")
-    assert led["opacus_version"] and "last epoch" in led["model_selection"]
+    assert led["clip"] == 1.0 and led["delta"] == 1e-4 and led["target_eps"] == 10.0 and led["noise_multiplicity"] == 1
+    assert 0 < led["eps_rdp"] <= 10.0 and led["within_target"]
+    assert led["eps_rdp"] == pytest.approx(spent_epsilon(led["noise_multiplier"], q, steps, 1e-4, "rdp"))
+    assert led["eps_prv"] is not None and 0 < led["eps_prv"] <= led["eps_rdp"] * 1.01
+    assert led["dataset_sha256"] == sha256_file(data / "train.npz")
+    assert led["accountants"]["rdp"]["version"] and "last epoch" in led["model_selection"]
+    assert led["dp_randomness"].startswith("secret")
     assert saved["selection"].startswith("last epoch") and saved["chosen_epoch"] == 2
     assert saved["test_acc"] == saved["curves"]["test_acc"][-1] == res["test_acc"]
     assert saved["curves"]["step"] == [steps_for(1, q), steps]
     assert saved["provenance"]["cell"] == settings["cell"]
     assert saved["test_acc"] > 0.3  # learns something even with noise
+
+
+def test_dp_baseline_randomness_is_secret_unless_seeded(tmp_path, digit_files, monkeypatch):
+    """Poisson batches and DP noise come from OS entropy, not from the (public) cell seed:
+    two runs of the same cell differ; with DPDM_DP_SEED they are identical and say so."""
+    data = tmp_path / "data"
+    settings = _settings(baseline={"epochs": 1, "batch_size": 70, "lr": 1e-3, "clip": 1.0}, privacy={"delta": 1e-4})
+
+    def losses(name):
+        return classifiers.dp_baseline(settings, data, "logreg", tmp_path / f"{name}.json")
+
+    monkeypatch.delenv("DPDM_DP_SEED", raising=False)
+    a, b = losses("a"), losses("b")
+    assert a["curves"]["train_loss"] != b["curves"]["train_loss"]
+    monkeypatch.setenv("DPDM_DP_SEED", "7")
+    c, d = losses("c"), losses("d")
+    assert c["curves"]["train_loss"] == d["curves"]["train_loss"]
+    assert c["privacy"]["dp_randomness"].startswith("REPRODUCIBLE")
 
 
 def test_dp_baseline_empty_batches_and_cnn(tmp_path, digits):
@@ -238,8 +256,8 @@ def test_dp_baseline_empty_batches_and_cnn(tmp_path, digits):
     settings = _settings(baseline={"epochs": 1, "batch_size": 1, "lr": 1e-3, "clip": 1.0},
                          privacy={"delta": 1e-3})
     res = classifiers.dp_baseline(settings, data, "cnn", tmp_path / "cnn.json")
-    assert res["privacy"]["steps_taken"] == 60
-    assert 0 < res["privacy"]["epsilon"]["rdp"] <= 10.0
+    assert res["privacy"]["steps"] == 60
+    assert 0 < res["privacy"]["eps_rdp"] <= 10.0
 
 
 def test_dp_baseline_refuses(tmp_path, digits):

@@ -205,7 +205,7 @@ def test_cli_train_outputs_and_sigterm(tmp_path, digits_dir):
            "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
-    env.pop(train.DP_SEED_ENV, None)
+    env.pop(privacy.DP_SEED_ENV, None)
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path)
     lines = []
     deadline = time.time() + 120
