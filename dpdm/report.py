@@ -87,7 +87,7 @@ def collect(paths: list[Path]) -> dict[str, pd.DataFrame]:
         data = load_json(path)
         if kind == "privacy":
             info.update(
-                sigma=data["sigma"], q=data["sample_rate"], steps=data["steps"], K=data["noise_multiplicity"],
+                sigma=data["noise_multiplier"], q=data["sample_rate"], steps=data["steps"], K=data["noise_multiplicity"],
                 C=data["clip"], delta=data["delta"], target_eps=data["target_eps"],
                 eps_rdp=data["eps_rdp"], eps_prv=data["eps_prv"], N=data["num_examples"],
                 expected_batch=data["expected_batch_size"], epochs=data["epochs"],
@@ -98,7 +98,7 @@ def collect(paths: list[Path]) -> dict[str, pd.DataFrame]:
         elif kind in ("classify", "baseline"):
             info.update(acc=100.0 * data["test_acc"])
             if kind == "baseline":
-                info.update(eps_rdp=data["privacy"]["eps_rdp"])
+                info.update(eps_rdp=data["privacy"]["eps_rdp"], eps_prv=data["privacy"]["eps_prv"])
         rows[kind].append(info)
     out = {}
     for kind, r in rows.items():
@@ -342,6 +342,8 @@ def fig_loss_curves(res, out_dir: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(PRETTY_DATASET.get(ds, ds))
         ax.legend(fontsize=7)
+    fig.suptitle("Diagnostic only: training losses are computed on private data without noise "
+                 "and are NOT covered by the DP guarantee; do not publish", fontsize=7, y=1.02)
     _save_figure(fig, out_dir, "loss_curves")
 
 
@@ -389,3 +391,109 @@ def build_report(inputs: list[Path], out_dir: Path) -> None:
     for ds in sorted(datasets):
         fig_samples(res, out_dir, ds)
     log.info("wrote tables and figures to %s", out_dir)
+
+
+# ----------------------------------------------------------------------------
+# Ablations (paper Tables 3, 5, 6): one table and one figure per named grid.
+#
+# The manifest comes from dpdm.config.plan_grid: rows of (variant, sampler, eps, seed)
+# that point at the cell folder holding the model and the sampler's name there.
+
+
+def _ablation_label(row: dict, manifest: dict) -> str:
+    variants = {r["variant"] for r in manifest["rows"]}
+    samplers = {r["sampler"] for r in manifest["rows"]}
+    if len(variants) > 1 and len(samplers) > 1:
+        return f"{row['variant']} / {row['sampler']}"
+    return row["variant"] if len(variants) > 1 else row["sampler"]
+
+
+def collect_ablation(manifest: dict, results_dir: Path) -> pd.DataFrame:
+    """One row per (variant, sampler, eps, seed) with its FID and classifier accuracies (%)."""
+    rows = []
+    for r in manifest["rows"]:
+        cell = Path(results_dir) / r["cell"]
+        fid = load_json(cell / f"fid_{r['cell_sampler']}.json")
+        row = dict(label=_ablation_label(r, manifest), variant=r["variant"], sampler=r["sampler"], x=r["x"],
+                   eps=float(r["eps"]), seed=int(r["seed"]), cell=r["cell"], fid=fid["fid"],
+                   test_only=bool(fid.get("test_only", False)))
+        for c in r.get("classifiers", []):
+            row[c] = 100.0 * load_json(cell / f"classify_{r['cell_sampler']}_{c}.json")["test_acc"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def ablation_table(manifest: dict, df: pd.DataFrame, out_dir: Path) -> None:
+    """Rows: the ablation's variants (or samplers); columns: eps x (FID, accuracies)."""
+    classifiers = [c for c in CLASSIFIERS if c in manifest["classifiers"]]
+    untrained = bool(df["test_only"].any())
+    fid_col = "FID (untrained, TEST ONLY)" if untrained else "FID"
+    order = list(dict.fromkeys(df["label"]))
+    tidy_rows, wide_rows = [], {}
+    for (label, eps), g in sorted(df.groupby(["label", "eps"], sort=False), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        m, s, n = _mean_std(g["fid"], 1)
+        tidy = dict(ablation=manifest["name"], label=label, variant=g["variant"].iloc[0], sampler=g["sampler"].iloc[0],
+                    x=g["x"].iloc[0], eps=eps, fid_mean=m, fid_std=s, seeds=n, fid_test_only=untrained)
+        wide = wide_rows.setdefault(_escape(label), {})
+        wide[(_latex_eps(eps), fid_col)] = _fmt(m, s, n, 1, True)
+        for c in classifiers:
+            cm, cs, cn = _mean_std(g[c], 1)
+            tidy[f"{c}_mean"], tidy[f"{c}_std"] = cm, cs
+            wide[(_latex_eps(eps), PRETTY_CLASSIFIER[c] + r" (\%)")] = _fmt(cm, cs, cn, 1, True)
+        tidy_rows.append(tidy)
+    wide = pd.DataFrame.from_dict(wide_rows, orient="index")
+    wide.columns = pd.MultiIndex.from_tuples(wide.columns)
+    caption = (f"Ablation: {_escape(manifest['title'])} ({PRETTY_DATASET.get(manifest['dataset'], manifest['dataset'])}). "
+               "FID and test accuracy on real data of classifiers trained on the samples.")
+    if untrained:
+        caption += " " + UNTRAINED_NOTE + "."
+    write_table(wide.fillna("--"), pd.DataFrame(tidy_rows), out_dir, manifest["table"], caption)
+
+
+def _numeric(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def ablation_figure(manifest: dict, df: pd.DataFrame, out_dir: Path) -> None:
+    """A line plot against the varied value when it is a number (e.g. K), else grouped
+    bars per eps (parameterisations, samplers). Error bars: std over seeds."""
+    metrics = ["fid"] + [c for c in CLASSIFIERS if c in manifest["classifiers"]]
+    names = {"fid": "FID" + (" (untrained: TEST ONLY)" if df["test_only"].any() else "")}
+    names.update({c: f"{PRETTY_CLASSIFIER[c]} accuracy (%)" for c in CLASSIFIERS})
+    fig, axes = _subplots(len(metrics))
+    line = manifest.get("vary") and _numeric(df["x"].tolist())
+    order = list(dict.fromkeys(df["label"]))
+    for ax, metric in zip(axes, metrics):
+        if line:
+            agg = aggregate(df, ["eps", "sampler", "x"], metric)
+            for (eps, sampler), g in agg.groupby(["eps", "sampler"]):
+                ax.errorbar(g["x"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3,
+                            label=f"ε={eps:g}" + (f", {sampler}" if agg["sampler"].nunique() > 1 else ""))
+            xs = sorted(df["x"].unique())
+            if min(xs) > 0 and max(xs) / min(xs) >= 4:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(xs, [f"{v:g}" for v in xs])
+            ax.set_xlabel(manifest["vary"])
+        else:
+            agg = aggregate(df, ["eps", "label"], metric)
+            eps_values = sorted(agg["eps"].unique())
+            width = 0.8 / max(len(order), 1)
+            for i, label in enumerate(order):
+                g = agg[agg["label"] == label].set_index("eps").reindex(eps_values)
+                pos = np.arange(len(eps_values)) + (i - (len(order) - 1) / 2) * width
+                ax.bar(pos, g["mean"], width, yerr=g["std"].fillna(0), capsize=3, label=label)
+            ax.set_xticks(np.arange(len(eps_values)), [f"ε={e:g}" for e in eps_values])
+        ax.set_ylabel(names[metric])
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{manifest['title']} ({PRETTY_DATASET.get(manifest['dataset'], manifest['dataset'])})", fontsize=9)
+    _save_figure(fig, out_dir, manifest["table"])
+
+
+def build_ablation_report(manifest: dict, out_dir: Path) -> None:
+    """The table and figure of one ablation, from the result files of its cells under out_dir."""
+    if not manifest.get("rows"):
+        raise DPDMError(f"ablation '{manifest.get('name')}' has no rows: give it eps values and variants")
+    df = collect_ablation(manifest, out_dir)
+    ablation_table(manifest, df, out_dir)
+    ablation_figure(manifest, df, out_dir)
+    log.info("wrote ablation %s to %s/tables and %s/figures", manifest["name"], out_dir, out_dir)
