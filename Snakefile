@@ -3,6 +3,7 @@
 #
 #   snakemake all --cores 2 --configfile config/smoke.yaml   # tiny, offline, CPU
 #   snakemake --profile slurm all                             # the paper, on SLURM
+#   snakemake --profile slurm ablation_noise_multiplicity     # one ablation table
 #
 # Config: config/config.yaml (+ --configfile overrides), validated against
 # workflow/schemas/config.schema.yaml; every key is documented in config/README.md.
@@ -16,6 +17,18 @@ configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    eps=r"eps[0-9.e+-]+",
+    variant=r"(?:[A-Za-z0-9.-]+/)?",
+    seed=r"[0-9]+",
+    sampler=r"[A-Za-z0-9-]+",
+    classifier="logreg|mlp|cnn",
+    split="train|test",
+
+
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/sample.smk"
@@ -26,5 +39,4 @@ include: "rules/report.smk"
 rule all:
     default_target: True
     input:
-        all_cell_outputs(),
-        report_outputs(),
+        all_outputs(),

@@ -141,6 +141,18 @@ def cmd_report(args):
     report.build_report([Path(p) for p in args.inputs], out_dir=Path(args.out))
 
 
+def cmd_report_ablation(args):
+    from dpdm import report
+
+    report.build_ablation_report(_read_json_arg(args.manifest), out_dir=Path(args.out))
+
+
+def cmd_bench(args):
+    from dpdm import bench
+
+    bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dpdm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -217,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder: writes OUT/tables and OUT/figures")
     p.add_argument("inputs", nargs="+", help="privacy.json, train_metrics.csv, fid_*.json, classify_*.json, baseline JSONs")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("report-ablation", help="one ablation's table and figure (paper Tables 3, 5, 6)")
+    p.add_argument("--out", required=True, help="results folder: reads the cells under it, writes OUT/tables, OUT/figures")
+    p.add_argument("--manifest", required=True, help="the ablation's rows (dpdm.config.plan_grid): JSON string or file")
+    p.set_defaults(func=cmd_report_ablation)
+
+    p = sub.add_parser("bench", help="DP-SGD step vs non-private and hook-based steps; sampling; FID features")
+    from dpdm.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -9,7 +9,7 @@ A cell is (dataset, eps, seed[, variant]). Its settings are merged in this order
     config["defaults"]                        every cell
     config["datasets"][dataset]["settings"]   every cell of one dataset
     config["datasets"][dataset]["cells"][eps] one (dataset, eps)
-    variant                                   an ablation's overrides (issue 7)
+    ablations.<name>.settings + .variants.<v> an ablation's overrides (see `plan_grid`)
 
 The result ("resolved settings") is what every `python -m dpdm` command consumes.
 """
@@ -17,6 +17,7 @@ The result ("resolved settings") is what every `python -m dpdm` command consumes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,14 +34,20 @@ SCHEMA_FILE = PACKAGE_DIR / "config.schema.yaml"  # symlink to workflow/schemas/
 # A level that names these keys replaces the whole mapping instead of merging into it:
 # a dataset that lists its samplers gets exactly those, not the defaults' ones too.
 REPLACED_KEYS = frozenset({"samplers"})
+# Mappings whose entries are replaced whole, one by one (a null entry removes it): a
+# config that defines ablation `sampler` gets exactly its own, not a blend with the paper's.
+REPLACED_ENTRIES = frozenset({"ablations"})
 
 
 def deep_merge(base: dict, override: dict) -> dict:
-    """Return base updated by override; nested dicts merge (except REPLACED_KEYS),
-    everything else is replaced."""
+    """Return base updated by override; nested dicts merge (except REPLACED_KEYS and the
+    entries of REPLACED_ENTRIES), everything else is replaced."""
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in REPLACED_KEYS:
+        if key in REPLACED_ENTRIES and isinstance(value, dict) and isinstance(out.get(key), dict):
+            merged = {**out[key], **copy.deepcopy(value)}
+            out[key] = {k: v for k, v in merged.items() if v is not None}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict) and key not in REPLACED_KEYS:
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -76,13 +83,13 @@ def with_defaults(config: dict) -> dict:
     return deep_merge(read_yaml(DEFAULTS_FILE), config)
 
 
-def load_config(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = ()) -> dict:
-    """Defaults, then each file, then each 'a.b=value' override; validated."""
+def load_config(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str | dict] = ()) -> dict:
+    """Defaults, then each file, then each override ('a.b=value' or a dict); validated."""
     config = read_yaml(DEFAULTS_FILE)
     for f in files:
         config = deep_merge(config, read_yaml(f))
     for o in overrides:
-        config = deep_merge(config, parse_override(o))
+        config = deep_merge(config, o if isinstance(o, dict) else parse_override(o))
     validate(config)
     return config
 
@@ -109,6 +116,12 @@ def validate(config: dict) -> None:
     if errors:
         lines = []
         for e in errors[:10]:
+            if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+                allowed = set(e.schema.get("properties") or {})
+                for extra in sorted(set(e.instance) - allowed):
+                    key = f"{_key_path(e)}.{extra}" if e.absolute_path else extra
+                    lines.append(f"  config key '{key}' is unknown here; known keys: {sorted(allowed)}")
+                continue
             lines.append(f"  config key '{_key_path(e)}': {e.message}")
         raise DPDMError("invalid config:\n" + "\n".join(lines) + "\nSee config/README.md for every key.")
     from dpdm.data import DATASETS
@@ -146,8 +159,12 @@ def _cell_overrides(dataset_cfg: dict, eps: float) -> dict:
     return {}
 
 
-def resolve_cell(config: dict, dataset: str, eps: float, seed: int, variant: dict | None = None) -> dict:
-    """The complete settings of one cell; see the module docstring for the merge order."""
+def resolve_cell(config: dict, dataset: str, eps: float, seed: int, variant: dict | None = None,
+                 variant_name: str = "") -> dict:
+    """The complete settings of one cell; see the module docstring for the merge order.
+
+    `variant` are an ablation's overrides and `variant_name` the folder of its cell
+    (recorded in settings["cell"]["variant"]); both empty for a cell of the main grid."""
     from dpdm.data import DATASETS
 
     if dataset not in DATASETS:
@@ -161,6 +178,8 @@ def resolve_cell(config: dict, dataset: str, eps: float, seed: int, variant: dic
     if variant:
         settings = deep_merge(settings, variant)
     settings["cell"] = {"dataset": dataset, "eps": eps, "eps_tag": eps_tag(eps), "seed": int(seed)}
+    if variant_name:
+        settings["cell"]["variant"] = variant_name
     settings["privacy"]["target_eps"] = eps
     settings["device"] = config.get("device", "auto")
     settings["fid"] = copy.deepcopy(config["fid"])
@@ -181,3 +200,153 @@ def iter_cells(config: dict) -> list[tuple[str, float, int]]:
 def env_or(config_value: Any, env_name: str) -> Any:
     """An environment variable overrides a config path (DPDM_RAW_DIR, DPDM_FID_WEIGHTS)."""
     return os.environ.get(env_name) or config_value
+
+
+# ----------------------------------------------------------------------------
+# The grid: the main cells and the ablations' variants (paper Tables 3, 5, 6).
+#
+# An ablation (config key `ablations.<name>`) is a dataset, a list of eps (and seeds),
+# and named variants: settings overrides merged last (after `settings`, which applies
+# to every variant of the ablation). A variant trains its own model in
+#     {results}/{dataset}/eps{eps}/{variant}/seed{seed}/
+# unless its training settings equal those of a cell that already exists (a main
+# cell, or an earlier variant): then it reuses that model, so e.g. the K = 32 row of the
+# noise-multiplicity ablation IS the main MNIST eps = 1 cell and is trained once.
+# The samplers an ablation evaluates (`samplers`, default: all of the variant's) are
+# added to the cell that holds its model; a sampler with the same settings as one the
+# cell already has is the same job.
+
+TRAINING_SECTIONS = ("data", "model", "diffusion", "train", "privacy")
+EVAL_SECTIONS = ("sample", "classify")
+
+
+@dataclasses.dataclass
+class CellPlan:
+    """One model to train and what to evaluate on it."""
+
+    dataset: str
+    eps: float
+    seed: int
+    variant: str = ""  # "" for a main cell, else the variant's folder name
+    overrides: dict = dataclasses.field(default_factory=dict)  # resolve_cell's `variant`
+    samplers: dict = dataclasses.field(default_factory=dict)  # name -> sampler settings
+    classifiers: dict = dataclasses.field(default_factory=dict)  # sampler name -> [classifier, ...]
+    eval_settings: dict = dataclasses.field(default_factory=dict)  # the cell's sample/classify sections
+
+    @property
+    def path(self) -> str:
+        """The cell's folder relative to paths.results."""
+        variant = f"{self.variant}/" if self.variant else ""
+        return f"{self.dataset}/{eps_tag(self.eps)}/{variant}seed{self.seed}"
+
+
+@dataclasses.dataclass
+class Grid:
+    cells: dict  # path -> CellPlan, main cells first, in config order
+    ablations: dict  # name -> manifest for dpdm.report (rows point at cells and samplers)
+
+
+def _training_signature(dataset: str, eps: float, seed: int, settings: dict) -> str:
+    from dpdm.artifacts import sha256_json
+
+    return sha256_json([dataset, float(eps), int(seed), {k: settings[k] for k in TRAINING_SECTIONS}])
+
+
+def _lookup(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _add_sampler(cell: CellPlan, name: str, options: dict, classifiers: list[str], where: str) -> str:
+    """Add sampler `name` to the cell (or find the same settings under another name)."""
+    for existing, opts in cell.samplers.items():
+        if opts == options:
+            name = existing
+            break
+    else:
+        if name in cell.samplers:
+            raise DPDMError(f"{where}: sampler '{name}' of cell {cell.path} already exists with other settings "
+                            f"({cell.samplers[name]}); give the ablation's sampler another name")
+        cell.samplers[name] = copy.deepcopy(options)
+    have = cell.classifiers.setdefault(name, [])
+    have += [c for c in classifiers if c not in have]
+    return name
+
+
+def plan_grid(config: dict) -> Grid:
+    """Every cell to train (main grid and ablations, each model once) and every ablation's rows."""
+    from dpdm.data import DATASETS
+
+    cells: dict[str, CellPlan] = {}
+    by_signature: dict[str, str] = {}
+    for ds, eps, seed in iter_cells(config):
+        settings = resolve_cell(config, ds, eps, seed)
+        plan = CellPlan(ds, eps, seed, eval_settings={k: settings[k] for k in EVAL_SECTIONS})
+        conditional = DATASETS[ds].num_classes > 0
+        for name, options in settings["samplers"].items():
+            _add_sampler(plan, name, options, settings["classify"]["classifiers"] if conditional else [],
+                         f"datasets.{ds}")
+        cells[plan.path] = plan
+        by_signature[_training_signature(ds, eps, seed, settings)] = plan.path
+
+    ablations = {}
+    for name, abl in (config.get("ablations") or {}).items():
+        where = f"config key 'ablations.{name}'"
+        ds = abl["dataset"]
+        conditional = DATASETS[ds].num_classes > 0
+        variants = abl.get("variants") or {"default": {}}
+        rows, used_classifiers = [], []
+        for eps in abl["eps"]:
+            for seed in abl.get("seeds", config["seeds"]):
+                for vname, overrides in variants.items():
+                    merged = deep_merge(abl.get("settings") or {}, overrides or {})
+                    settings = resolve_cell(config, ds, eps, seed, merged, vname)
+                    sig = _training_signature(ds, eps, seed, settings)
+                    if sig not in by_signature:
+                        plan = CellPlan(ds, float(eps), int(seed), vname, merged,
+                                        eval_settings={k: settings[k] for k in EVAL_SECTIONS})
+                        if plan.path in cells:
+                            raise DPDMError(f"{where}: variant '{vname}' names cell {plan.path}, which another "
+                                            "ablation already trains with other settings; rename the variant")
+                        cells[plan.path] = plan
+                        by_signature[sig] = plan.path
+                    cell = cells[by_signature[sig]]
+                    mine = {k: settings[k] for k in EVAL_SECTIONS}
+                    if mine != cell.eval_settings:
+                        raise DPDMError(f"{where}: variant '{vname}' shares the model of cell {cell.path} but "
+                                        f"changes its {'/'.join(EVAL_SECTIONS)} settings; set those for the whole "
+                                        "dataset instead")
+                    wanted = abl.get("samplers") or list(settings["samplers"])
+                    clf = (abl.get("classifiers") or settings["classify"]["classifiers"]) if conditional else []
+                    used_classifiers += [c for c in clf if c not in used_classifiers]
+                    for sampler in wanted:
+                        if sampler not in settings["samplers"]:
+                            raise DPDMError(f"{where}.samplers: variant '{vname}' has no sampler '{sampler}'; "
+                                            f"its samplers are {sorted(settings['samplers'])}")
+                        actual = _add_sampler(cell, sampler, settings["samplers"][sampler], clf, where)
+                        rows.append({
+                            "variant": vname, "sampler": sampler, "eps": float(eps), "seed": int(seed),
+                            "cell": cell.path, "cell_sampler": actual, "classifiers": clf,
+                            "x": _lookup(settings, abl["vary"]) if abl.get("vary") else None,
+                        })
+        ablations[name] = {
+            "name": name,
+            "dataset": ds,
+            "table": abl.get("table") or f"ablation_{name}",
+            "title": abl.get("title") or name.replace("_", " "),
+            "vary": abl.get("vary"),
+            "classifiers": used_classifiers,
+            "rows": rows,
+        }
+    return Grid(cells, ablations)
+
+
+def cell_settings(config: dict, plan: CellPlan) -> dict:
+    """The resolved settings of a planned cell, with exactly the samplers planned for it."""
+    settings = resolve_cell(config, plan.dataset, plan.eps, plan.seed, plan.overrides, plan.variant)
+    settings["samplers"] = copy.deepcopy(plan.samplers)
+    return settings

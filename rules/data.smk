@@ -9,19 +9,22 @@ localrules:
 
 rule prepare:
     output:
-        train=DATA + "/{dataset}/train.npz",
-        test=DATA + "/{dataset}/test.npz",
-        meta=DATA + "/{dataset}/meta.json",
+        train=data_path("{dataset}/train.npz"),
+        test=data_path("{dataset}/test.npz"),
+        meta=data_path("{dataset}/meta.json"),
     params:
+        out=lambda wc: data_path(wc.dataset),
         raw=lambda wc: dpcfg.env_or(config["paths"]["raw"], "DPDM_RAW_DIR") or "raw",
         digits_size=lambda wc: dataset_settings(wc.dataset)["data"]["digits_size"],
         code=code_hash("data"),
     log:
-        RESULTS + "/logs/prepare/{dataset}.log",
+        results_path("logs/prepare/{dataset}.log"),
     benchmark:
-        RESULTS + "/benchmarks/prepare/{dataset}.tsv"
+        results_path("benchmarks/prepare/{dataset}.tsv")
+    conda:
+        "../environment.yml"
     shell:
-        "python -m dpdm prepare --dataset {wildcards.dataset} --out {DATA}/{wildcards.dataset}"
+        "python -m dpdm prepare --dataset {wildcards.dataset} --out {params.out:q}"
         " --raw-dir {params.raw:q} --digits-size {params.digits_size} > {log:q} 2>&1"
 
 
@@ -29,27 +32,34 @@ rule fetch_fid_weights:
     output:
         FID_WEIGHTS_DEFAULT,
     log:
-        RESULTS + "/logs/fetch_fid_weights.log",
+        results_path("logs/fetch_fid_weights.log"),
+    benchmark:
+        results_path("benchmarks/fetch_fid_weights.tsv")
+    conda:
+        "../environment.yml"
     shell:
         "python -m dpdm fetch-weights --out {output:q} > {log:q} 2>&1"
 
 
 rule fid_reference:
     input:
-        data=DATA + "/{dataset}/{split}.npz",
+        data=data_path("{dataset}/{split}.npz"),
         weights=fid_weights_input,
     output:
-        DATA + "/{dataset}/fid_{split}.npz",
+        data_path("{dataset}/fid_{split}.npz"),
     params:
+        data=lambda wc: data_path(wc.dataset),
         fid=fid_args(),
         code=code_hash("data", "fid"),
     threads: rule_threads("fid")
     resources:
         **rule_resources("fid"),
     log:
-        RESULTS + "/logs/fid_reference/{dataset}_{split}.log",
+        results_path("logs/fid_reference/{dataset}_{split}.log"),
     benchmark:
-        RESULTS + "/benchmarks/fid_reference/{dataset}_{split}.tsv"
+        results_path("benchmarks/fid_reference/{dataset}_{split}.tsv")
+    conda:
+        "../environment.yml"
     shell:
-        "python -m dpdm fid-ref --data {DATA}/{wildcards.dataset} --split {wildcards.split}"
+        "python -m dpdm fid-ref --data {params.data:q} --split {wildcards.split}"
         " --out {output:q} {params.fid} > {log:q} 2>&1"

@@ -4,11 +4,11 @@
 
 rule fid:
     input:
-        samples=CELL + "/samples_{sampler}.npz",
-        ref=lambda wc: f"{DATA}/{wc.dataset}/fid_{config['fid']['reference_split']}.npz",
+        samples=cell_path("samples_{sampler}.npz"),
+        ref=lambda wc: data_path(f"{wc.dataset}/fid_{config['fid']['reference_split']}.npz"),
         weights=fid_weights_input,
     output:
-        CELL + "/fid_{sampler}.json",
+        cell_path("fid_{sampler}.json"),
     params:
         settings=stage_settings("fid"),
         fid=fid_args(),
@@ -20,9 +20,11 @@ rule fid:
     resources:
         **rule_resources("fid"),
     log:
-        CELL + "/logs/fid_{sampler}.log",
+        cell_path("logs/fid_{sampler}.log"),
     benchmark:
-        CELL + "/benchmarks/fid_{sampler}.tsv"
+        cell_path("benchmarks/fid_{sampler}.tsv")
+    conda:
+        "../environment.yml"
     shell:
         "python -m dpdm fid --samples {input.samples:q} --ref {input.ref:q} --out {output:q}"
         " --settings {params.settings:q} {params.fid} {params.num} > {log:q} 2>&1"
@@ -30,10 +32,10 @@ rule fid:
 
 rule classify:
     input:
-        samples=CELL + "/samples_{sampler}.npz",
-        test=DATA + "/{dataset}/test.npz",
+        samples=cell_path("samples_{sampler}.npz"),
+        test=data_path("{dataset}/test.npz"),
     output:
-        CELL + "/classify_{sampler}_{classifier}.json",
+        cell_path("classify_{sampler}_{classifier}.json"),
     params:
         settings=stage_settings("classify"),
         code=code_hash("data", "classifiers"),
@@ -41,9 +43,11 @@ rule classify:
     resources:
         **rule_resources("classify"),
     log:
-        CELL + "/logs/classify_{sampler}_{classifier}.log",
+        cell_path("logs/classify_{sampler}_{classifier}.log"),
     benchmark:
-        CELL + "/benchmarks/classify_{sampler}_{classifier}.tsv"
+        cell_path("benchmarks/classify_{sampler}_{classifier}.tsv")
+    conda:
+        "../environment.yml"
     shell:
         "python -m dpdm classify --settings {params.settings:q} --samples {input.samples:q}"
         " --test {input.test:q} --classifier {wildcards.classifier} --out {output:q} > {log:q} 2>&1"
@@ -51,20 +55,23 @@ rule classify:
 
 rule baseline:
     input:
-        train=DATA + "/{dataset}/train.npz",
-        test=DATA + "/{dataset}/test.npz",
+        train=data_path("{dataset}/train.npz"),
+        test=data_path("{dataset}/test.npz"),
     output:
-        RESULTS + "/{dataset}/baseline/{eps}/seed{seed}/{classifier}.json",
+        results_path("{dataset}/baseline/{eps}/seed{seed}/{classifier}.json"),
     params:
-        settings=stage_settings("baseline"),
+        data=lambda wc: data_path(wc.dataset),
+        settings=baseline_settings,
         code=code_hash("data", "privacy", "classifiers"),
     threads: rule_threads("baseline")
     resources:
         **rule_resources("baseline"),
     log:
-        RESULTS + "/{dataset}/baseline/{eps}/seed{seed}/logs/{classifier}.log",
+        results_path("{dataset}/baseline/{eps}/seed{seed}/logs/{classifier}.log"),
     benchmark:
-        RESULTS + "/{dataset}/baseline/{eps}/seed{seed}/benchmarks/{classifier}.tsv"
+        results_path("{dataset}/baseline/{eps}/seed{seed}/benchmarks/{classifier}.tsv")
+    conda:
+        "../environment.yml"
     shell:
-        "python -m dpdm baseline --settings {params.settings:q} --data {DATA}/{wildcards.dataset}"
+        "python -m dpdm baseline --settings {params.settings:q} --data {params.data:q}"
         " --classifier {wildcards.classifier} --out {output:q} > {log:q} 2>&1"

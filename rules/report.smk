@@ -1,4 +1,5 @@
-# Stage 5: every result JSON -> LaTeX/CSV tables and matplotlib figures.
+# Stage 5: result files -> LaTeX/CSV tables and matplotlib figures: the paper's main
+# tables (rule report) and one table + figure per ablation (rules ablation_<name>).
 # Numbers come only from the result files; nothing is copied by hand.
 
 
@@ -8,33 +9,74 @@ localrules:
 
 rule report:
     input:
-        results=report_json_inputs(),
-        grids=[p for p in all_cell_outputs() if p.endswith(".png")],
+        results=[p for p in main_outputs() if p.endswith((".json", ".csv"))],
+        grids=[p for p in main_outputs() if p.endswith(".png")],
     output:
         tables=[
             report(
-                f"{RESULTS}/tables/{t}.csv",
+                results_path(f"tables/{t}.csv"),
                 caption=f"../workflow/report/{t}.rst",
                 category="Tables",
             )
             for t in report_tables()
         ],
-        tex=[f"{RESULTS}/tables/{t}.tex" for t in report_tables()],
+        tex=[results_path(f"tables/{t}.tex") for t in report_tables()],
         figures=[
             report(
-                f"{RESULTS}/figures/{f}.png",
+                results_path(f"figures/{f}.png"),
                 caption="../workflow/report/figure.rst",
                 category="Figures",
                 labels={"figure": f},
             )
             for f in report_figures()
         ],
-        pdfs=[f"{RESULTS}/figures/{f}.pdf" for f in report_figures()],
+        pdfs=[results_path(f"figures/{f}.pdf") for f in report_figures()],
     params:
+        out=lambda wc, output: os.path.dirname(os.path.dirname(output.tex[0])),
         code=code_hash("report"),
     log:
-        RESULTS + "/logs/report.log",
+        results_path("logs/report.log"),
     benchmark:
-        RESULTS + "/benchmarks/report.tsv"
+        results_path("benchmarks/report.tsv")
+    conda:
+        "../environment.yml"
     shell:
-        "python -m dpdm report --out {RESULTS} {input.results:q} > {log:q} 2>&1"
+        "python -m dpdm report --out {params.out:q} {input.results:q} > {log:q} 2>&1"
+
+
+# One rule per ablation, so that `snakemake ablation_<name>` builds exactly that table.
+for _name in GRID.ablations:
+
+    rule:
+        name:
+            f"ablation_{_name}"
+        localrule: True
+        input:
+            ablation_inputs(_name),
+        output:
+            tex=ablation_outputs(_name)["tex"],
+            csv=report(
+                ablation_outputs(_name)["csv"],
+                caption="../workflow/report/ablation.rst",
+                category="Ablations",
+                labels={"ablation": _name},
+            ),
+            pdf=ablation_outputs(_name)["pdf"],
+            png=report(
+                ablation_outputs(_name)["png"],
+                caption="../workflow/report/ablation.rst",
+                category="Ablations",
+                labels={"ablation": _name, "kind": "figure"},
+            ),
+        params:
+            out=lambda wc, output: os.path.dirname(os.path.dirname(output.tex)),
+            manifest=json.dumps(GRID.ablations[_name], sort_keys=True, separators=(",", ":")),
+            code=code_hash("report"),
+        log:
+            results_path(f"logs/ablation_{_name}.log"),
+        benchmark:
+            results_path(f"benchmarks/ablation_{_name}.tsv")
+        conda:
+            "../environment.yml"
+        shell:
+            "python -m dpdm report-ablation --out {params.out:q} --manifest {params.manifest:q} > {log:q} 2>&1"

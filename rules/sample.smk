@@ -3,14 +3,14 @@
 
 rule sample:
     input:
-        model=CELL + "/model.pt",
+        model=cell_path("model.pt"),
     output:
-        samples=CELL + "/samples_{sampler}.npz",
+        samples=cell_path("samples_{sampler}.npz"),
         grid=report(
-            CELL + "/grid_{sampler}.png",
+            cell_path("grid_{sampler}.png"),
             caption="../workflow/report/grid.rst",
             category="Samples",
-            subcategory="{dataset} {eps}",
+            subcategory="{dataset} {eps} {variant}",
             labels={"dataset": "{dataset}", "eps": "{eps}", "seed": "{seed}", "sampler": "{sampler}"},
         ),
     params:
@@ -20,9 +20,11 @@ rule sample:
     resources:
         **rule_resources("sample"),
     log:
-        CELL + "/logs/sample_{sampler}.log",
+        cell_path("logs/sample_{sampler}.log"),
     benchmark:
-        CELL + "/benchmarks/sample_{sampler}.tsv"
+        cell_path("benchmarks/sample_{sampler}.tsv")
+    conda:
+        "../environment.yml"
     shell:
         "python -m dpdm sample --settings {params.settings:q} --model {input.model:q}"
         " --sampler {wildcards.sampler} --out {output.samples:q} --grid {output.grid:q} > {log:q} 2>&1"

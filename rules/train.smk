@@ -1,26 +1,32 @@
 # Stage 2: DP-SGD training of one cell's diffusion model (the only rule that reads
 # the private training set for the generator). Checkpoints live in the cell's
 # checkpoints/ folder, which is not an output, so a retry after a time limit resumes.
+# `exec`: python replaces the shell, so SLURM's warning signal (slurm_extra
+# --signal=TERM@...) reaches training and nothing around it dies first.
 
 
 rule train:
     input:
-        train=DATA + "/{dataset}/train.npz",
-        meta=DATA + "/{dataset}/meta.json",
+        train=data_path("{dataset}/train.npz"),
+        meta=data_path("{dataset}/meta.json"),
     output:
-        model=CELL + "/model.pt",
-        ledger=CELL + "/privacy.json",
-        metrics=CELL + "/train_metrics.csv",
+        model=cell_path("model.pt"),
+        ledger=cell_path("privacy.json"),
+        metrics=cell_path("train_metrics.csv"),
     params:
+        data=lambda wc: data_path(wc.dataset),
+        out=lambda wc: results_path(plan_of(wc).path),
         settings=stage_settings("train"),
         code=code_hash("data", "networks", "diffusion", "privacy", "train"),
     threads: rule_threads("train")
     resources:
         **rule_resources("train"),
     log:
-        CELL + "/logs/train.log",
+        cell_path("logs/train.log"),
     benchmark:
-        CELL + "/benchmarks/train.tsv"
+        cell_path("benchmarks/train.tsv")
+    conda:
+        "../environment.yml"
     shell:
-        "python -m dpdm train --settings {params.settings:q} --data {DATA}/{wildcards.dataset}"
-        " --out {RESULTS}/{wildcards.dataset}/{wildcards.eps}/seed{wildcards.seed} >> {log:q} 2>&1"
+        "exec python -m dpdm train --settings {params.settings:q} --data {params.data:q}"
+        " --out {params.out:q} >> {log:q} 2>&1"

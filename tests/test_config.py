@@ -60,7 +60,7 @@ def test_eps_tags():
     [
         ("bogus: 1\n", "bogus"),
         ("defaults:\n  train:\n    lr: fast\n", "defaults.train.lr"),
-        ("defaults:\n  train:\n    learning_rate: 0.1\n", "defaults.train"),
+        ("defaults:\n  train:\n    learning_rate: 0.1\n", "defaults.train.learning_rate"),
         ("defaults:\n  privacy:\n    delta: 2\n", "defaults.privacy.delta"),
         ("experiments:\n  - {dataset: mnist, eps: [-1]}\n", "experiments.0.eps.0"),
         ("defaults:\n  model:\n    dropout: 0.1\n", "defaults.model.dropout"),
@@ -118,3 +118,56 @@ def test_settings_hash_is_stable():
     b = cfg.resolve_cell(cfg.load_config([PAPER]), "mnist", 1, 0)
     assert sha256_json(a) == sha256_json(b)
     assert sha256_json(a) != sha256_json(cfg.resolve_cell(c, "mnist", 1, 1))
+
+
+# ----------------------------------------------------------------------------
+# The grid: main cells and ablation variants.
+
+
+def test_paper_grid_trains_every_model_once():
+    grid = cfg.plan_grid(cfg.load_config([PAPER]))
+    paths = list(grid.cells)
+    assert len(paths) == len(set(paths)) == 8 + 5 + 3
+    assert {p for p in paths if p.count("/") == 3} == {
+        f"mnist/eps1/K{k}/seed0" for k in (1, 2, 4, 8, 16)} | {f"mnist/eps0.2/{v}/seed0" for v in ("vp", "ve", "edm")}
+    rows = {r["variant"]: r for r in grid.ablations["noise_multiplicity"]["rows"]}
+    assert rows["K32"]["cell"] == "mnist/eps1/seed0" and rows["K8"]["cell"] == "mnist/eps1/K8/seed0"
+    assert [rows[f"K{k}"]["x"] for k in (1, 2, 4, 8, 16, 32)] == [1, 2, 4, 8, 16, 32]
+    assert {r["variant"]: r["cell"] for r in grid.ablations["parameterisation"]["rows"]}["v"] == "mnist/eps0.2/seed0"
+    # The K8 model is the main eps-1 cell's settings with K = 8, nothing else.
+    k8 = cfg.cell_settings(cfg.load_config([PAPER]), grid.cells["mnist/eps1/K8/seed0"])
+    main = cfg.resolve_cell(cfg.load_config([PAPER]), "mnist", 1, 0)
+    assert k8["train"] == dict(main["train"], noise_multiplicity=8) and k8["diffusion"] == main["diffusion"]
+    assert k8["cell"]["variant"] == "K8" and list(k8["samplers"]) == ["sddim"]
+    # Sampler ablation: churn-fid and ddim are the main cells' fid and acc (same settings).
+    sampler_rows = grid.ablations["sampler"]["rows"]
+    assert {(r["sampler"], r["cell_sampler"]) for r in sampler_rows} == {
+        ("churn-fid", "fid"), ("churn-acc", "churn-acc"), ("sddim", "sddim"), ("ddim", "acc")}
+    assert set(grid.cells["mnist/eps10/seed0"].samplers) == {"fid", "acc", "churn-acc", "sddim"}
+    assert set(grid.cells["fashion_mnist/eps10/seed0"].samplers) == {"fid", "acc"}
+
+
+def _ablation_config(tmp_path, body):
+    return cfg.load_config([write(tmp_path, "experiments:\n  - {dataset: digits, eps: [1]}\nablations:\n" + body)])
+
+
+def test_ablation_errors_name_the_problem(tmp_path):
+    with pytest.raises(DPDMError, match=r"ablations.a'.samplers: variant 'x' has no sampler 'nope'"):
+        cfg.plan_grid(_ablation_config(tmp_path, "  a: {dataset: digits, eps: [1], samplers: [nope],"
+                                                 " variants: {x: {train: {lr: 0.1}}}}\n"))
+    with pytest.raises(DPDMError, match="changes its sample/classify settings"):
+        cfg.plan_grid(_ablation_config(tmp_path, "  a: {dataset: digits, eps: [1], variants: {x: {classify: {epochs: 1}}}}\n"))
+    with pytest.raises(DPDMError, match="sampler 'ddim' of cell digits/eps1/seed0 already exists with other settings"):
+        cfg.plan_grid(_ablation_config(tmp_path, "  a: {dataset: digits, eps: [1],"
+                                                 " settings: {samplers: {ddim: {kind: ddim, steps: 7}}}}\n"))
+    with pytest.raises(DPDMError, match=r"'ablations.a.variants'"):  # a variant folder may not look like seedN
+        _ablation_config(tmp_path, "  a: {dataset: digits, eps: [1], variants: {seed1: {}}}\n")
+
+
+def test_a_later_config_replaces_an_ablation_whole(tmp_path):
+    """Ablations do not blend across config files: smoke's K ablation is exactly its own."""
+    c = cfg.load_config([PAPER, SMOKE])
+    assert set(c["ablations"]["noise_multiplicity"]["variants"]) == {"K1", "K2"}
+    assert "settings" not in c["ablations"]["noise_multiplicity"]
+    gone = cfg.load_config([PAPER, write(tmp_path, "ablations: {sampler: null}\n")])
+    assert set(gone["ablations"]) == {"noise_multiplicity", "parameterisation"}

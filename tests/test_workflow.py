@@ -23,18 +23,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
-# Jobs of the full paper grid (config/config.yaml): 8 cells (MNIST, Fashion-MNIST at
-# eps 0.2/1/10; CelebA at 1/10), 2 samplers per class-conditional cell and 1 for
-# CelebA, 3 classifiers, DP-SGD baselines for the class-conditional cells.
+# Jobs of the full paper grid (config/config.yaml). Main grid: 8 cells (MNIST,
+# Fashion-MNIST at eps 0.2/1/10; CelebA at 1/10), 2 samplers per class-conditional cell
+# and 1 for CelebA, 3 classifiers each, DP-SGD baselines for the class-conditional cells.
+# Ablations (MNIST): K in {1,2,4,8,16,32} at eps 1 (K32 is the main cell: 5 new models),
+# VP/VE/v/EDM at eps 0.2 (v is the main cell: 3 new), 4 samplers at eps 0.2/1/10 on the
+# main cells (churn-fid and ddim are the main cells' fid and acc: 2 new samplers each,
+# one of them, sddim, shared with the K and parameterisation ablations).
+ABLATION_MODELS = 5 + 3
 PAPER_JOBS = {
     "prepare": 3,
     "fid_reference": 3,
-    "train": 8,
-    "sample": 6 * 2 + 2,
-    "fid": 6 * 2 + 2,
-    "classify": 6 * 2 * 3,
+    "train": 8 + ABLATION_MODELS,
+    "sample": 6 * 2 + 2 + ABLATION_MODELS + 3 * 2,
+    "fid": 6 * 2 + 2 + ABLATION_MODELS + 3 * 2,
+    "classify": 6 * 2 * 3 + ABLATION_MODELS * 1 + 3 * 2 * 3,
     "baseline": 6 * 3,
     "report": 1,
+    "ablation_noise_multiplicity": 1,
+    "ablation_parameterisation": 1,
+    "ablation_sampler": 1,
     "all": 1,
 }
 
@@ -60,7 +68,7 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 def copy_workflow(dest: Path) -> Path:
-    for name in ("Snakefile", "rules", "workflow", "config", "dpdm"):
+    for name in ("Snakefile", "rules", "workflow", "config", "dpdm", "environment.yml"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, dest / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
@@ -83,6 +91,21 @@ def test_paper_grid_dry_run_with_slurm_profile(dry_workdir):
     expected = dict(PAPER_JOBS, fetch_fid_weights=1)
     assert counts == expected
     assert elapsed < 60, f"dry run of the paper grid took {elapsed:.1f} s"
+
+
+def test_each_ablation_is_a_target_that_trains_only_its_own_models(dry_workdir):
+    """`snakemake ablation_<name>` builds that table; shared cells are the main models."""
+    p = run_snakemake(["-n", "--profile", "slurm", "ablation_noise_multiplicity", "--quiet", "rules"],
+                      cwd=dry_workdir)
+    counts = job_counts(p.stdout + p.stderr)
+    # K1..K32 at eps 1: 6 models (K32 = the main cell), one sampler, FID and CNN each.
+    assert counts["train"] == 6 and counts["sample"] == 6 and counts["fid"] == 6 and counts["classify"] == 6
+    assert counts["ablation_noise_multiplicity"] == 1 and "report" not in counts and "baseline" not in counts
+    p = run_snakemake(["-n", "all"], cwd=dry_workdir)  # every job, with its outputs
+    trained = re.findall(r"^\s+output: (\S+/model\.pt)", p.stdout + p.stderr, re.M)
+    assert len(trained) == len(set(trained)) == PAPER_JOBS["train"]
+    assert "results/mnist/eps1/seed0/model.pt" in trained and "results/mnist/eps1/K8/seed0/model.pt" in trained
+    assert not any("/K32/" in t or "/eps0.2/v/" in t for t in trained)
 
 
 def test_lint_is_clean(dry_workdir):
@@ -124,7 +147,10 @@ def test_smoke_pipeline_writes_tables_figures_and_results(smoke):
         assert (results / "tables" / f"{name}.tex").is_file()
         assert (results / "tables" / f"{name}.csv").is_file()
         assert r"\toprule" in (results / "tables" / f"{name}.tex").read_text()
-    for name in ("fid_vs_eps", "acc_vs_eps", "loss_curves", "samples_digits"):
+    for name, rows in (("table3", 2), ("table5", 2), ("table6", 4)):  # 2 K, 2 preconds, 2 samplers x 2 eps
+        assert r"\toprule" in (results / "tables" / f"{name}.tex").read_text()
+        assert len(pd.read_csv(results / "tables" / f"{name}.csv")) == rows
+    for name in ("fid_vs_eps", "acc_vs_eps", "loss_curves", "samples_digits", "table3", "table5", "table6"):
         for ext in ("pdf", "png"):
             assert (results / "figures" / f"{name}.{ext}").stat().st_size > 1000
     cell = results / "digits" / "eps10" / "seed0"
@@ -152,8 +178,19 @@ def test_tables_hold_the_numbers_of_the_result_files(smoke):
     for _, row in priv.iterrows():
         ledger = json.loads((results / row["dataset"] / f"eps{row['eps']:g}" / "seed0" / "privacy.json").read_text())
         assert row["eps_rdp"] == pytest.approx(ledger["eps_rdp"])
-        assert row["sigma"] == pytest.approx(ledger["sigma"])
+        assert row["sigma"] == pytest.approx(ledger["noise_multiplier"])
         assert ledger["eps_rdp"] <= row["target_eps"] * (1 + 1e-9)
+    # Ablations: K1 has its own model, K2 is the main eps-10 cell (K = 2 in the smoke config).
+    t3 = pd.read_csv(results / "tables" / "table3.csv").set_index("variant")
+    for variant, cell in (("K1", "digits/eps10/K1/seed0"), ("K2", "digits/eps10/seed0")):
+        fid = json.loads((results / cell / "fid_acc.json").read_text())
+        cnn = json.loads((results / cell / "classify_acc_cnn.json").read_text())
+        assert t3.loc[variant, "fid_mean"] == pytest.approx(fid["fid"])
+        assert t3.loc[variant, "cnn_mean"] == pytest.approx(100 * cnn["test_acc"])
+        assert t3.loc[variant, "x"] == int(variant[1:])
+        assert json.loads((results / cell / "privacy.json").read_text())["noise_multiplicity"] == int(variant[1:])
+    t6 = pd.read_csv(results / "tables" / "table6.csv")
+    assert set(t6["sampler"]) == {"churn-fid", "sddim"} and set(t6["eps"]) == {1.0, 10.0}
 
 
 @pytest.mark.workflow
@@ -164,8 +201,11 @@ def test_rerunning_one_cell_reruns_its_chain_and_the_report_only(smoke):
         cwd=work,
     )
     counts = job_counts(p.stdout + p.stderr)
-    # 1 model, 2 samplers -> 2 sample + 2 fid + 2x3 classify, then the report.
-    assert counts == {"train": 1, "sample": 2, "fid": 2, "classify": 6, "report": 1, "all": 1}
+    # 1 model; its 2 samplers -> 2 sample + 2 fid + 2x3 classify, and the sampler ablation's
+    # sddim -> 1 sample, fid, cnn; then the report and the three ablation tables (the cell is
+    # K2 of the K ablation and edm of the parameterisation ablation).
+    assert counts == {"train": 1, "sample": 3, "fid": 3, "classify": 7, "report": 1, "all": 1,
+                      "ablation_noise_multiplicity": 1, "ablation_parameterisation": 1, "ablation_sampler": 1}
 
 
 @pytest.mark.workflow
@@ -186,6 +226,7 @@ def test_a_code_change_reruns_the_rules_that_use_the_module(smoke):
     finally:
         sampling.write_text(original)
     counts = job_counts(p.stdout + p.stderr)
-    # Two cells x two samplers: sampling reruns; training and data preparation do not.
-    assert counts.get("sample") == 4 and "train" not in counts and "prepare" not in counts
+    # Every sample set reruns (2 main cells x 3 samplers, K1 and vp one each); training
+    # and data preparation do not.
+    assert counts.get("sample") == 8 and "train" not in counts and "prepare" not in counts
     assert collections.Counter(counts)["report"] == 1
