@@ -230,3 +230,31 @@ def test_a_code_change_reruns_the_rules_that_use_the_module(smoke):
     # and data preparation do not.
     assert counts.get("sample") == 8 and "train" not in counts and "prepare" not in counts
     assert collections.Counter(counts)["report"] == 1
+
+
+@pytest.mark.workflow
+def test_tables_compile_in_a_standard_latex_document(smoke, tmp_path):
+    """Every generated .tex is a table float that compiles with booktabs alone."""
+    if not shutil.which("pdflatex"):
+        pytest.skip("pdflatex is not installed (.ci/run installs texlive-latex-base/-recommended)")
+    work, _ = smoke
+    tables = sorted((work / "results" / "smoke" / "tables").glob("*.tex"))
+    assert {t.stem for t in tables} >= {"table1", "table2", "privacy", "table3", "table5", "table6"}
+    body = "\n".join(t.read_text() for t in tables)
+    doc = tmp_path / "tables.tex"
+    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage[utf8]{inputenc}\n"
+                   "\\begin{document}\n" + body + "\n\\end{document}\n")
+    p = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-4000:]
+    assert (tmp_path / "tables.pdf").stat().st_size > 1000
+
+
+@pytest.mark.workflow
+def test_html_report_holds_tables_figures_and_grids(smoke):
+    work, _ = smoke
+    out = work / "results" / "smoke" / "report.html"
+    run_snakemake(["all", "--configfile", "config/smoke.yaml", "--report", str(out)], cwd=work, timeout=600)
+    html = out.read_text(errors="replace")
+    for name in ("table1.csv", "privacy.csv", "table3.csv", "fid_vs_eps.png", "table6.png", "grid_fid.png"):
+        assert name in html, name
