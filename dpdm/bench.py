@@ -91,7 +91,7 @@ class Setup:
         self.dp = privacy.DPSGD(diffusion.example_loss, noise_multiplier=1.0, max_grad_norm=1.0, num_examples=n,
                                 sample_rate=batch / n, optimizer=self.optimizer,
                                 physical_batch_size=physical_batch_size, grad_chunk_size=grad_chunk_size,
-                                dp_seed=seed, device=device)
+                                dp_seed=seed, device=device, batch_loss_fn=diffusion.examples_loss)
         self._hooked = None
 
     def micro_batches(self):

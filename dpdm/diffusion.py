@@ -309,6 +309,15 @@ def batch_loss(precond: Precond, y: torch.Tensor, labels: torch.Tensor | None, d
     return loss.reshape(b, -1).mean(dim=1)
 
 
+def examples_loss(precond: Precond, y: torch.Tensor, labels: torch.Tensor | None, sigma: torch.Tensor,
+                  noise: torch.Tensor) -> torch.Tensor:
+    """`example_loss` of a whole batch in one forward of B*K rows (example-major), [B]:
+    the batched twin that dpdm.privacy.DPSGD uses for per-example gradients by rows.
+    labels: long [B] already dropped, or None; sigma: [B, K]; noise: [B, K, C, H, W]."""
+    drop = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+    return batch_loss(precond, y, labels, NoiseDraw(sigma=sigma, noise=noise, drop=drop))
+
+
 # ----------------------------------------------------------------------------
 # model.pt
 

@@ -355,18 +355,37 @@ def clip_factors(norms, clip: float):
     return (clip / (norms + 1e-6)).clamp(max=1.0)
 
 
-def clipped_grad_sum(model, loss_fn, examples, clip: float, chunk_size=None):
+def _grad_chunks(model, loss_fn, examples, chunk_size=None, batch_loss_fn=None):
+    """(rows, grads, losses) chunk by chunk: by rows (dpdm.example_grads, one batched
+    forward/backward per chunk) when `batch_loss_fn` is given, else by torch.func vmap."""
+    if batch_loss_fn is None:
+        yield from iter_per_example_grads(model, loss_fn, examples, chunk_size)
+        return
+    from dpdm import example_grads
+
+    examples = tuple(examples)
+    n = _batch_len(examples)
+    chunk = n if chunk_size is None else max(1, int(chunk_size))
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        grads, losses = example_grads.per_example_grads(model, batch_loss_fn, _select(examples, rows))
+        yield rows, grads, losses
+
+
+def clipped_grad_sum(model, loss_fn, examples, clip: float, chunk_size=None, batch_loss_fn=None):
     """(sum_i clip(g_i), norms, losses) over the examples, chunk by chunk.
 
     sum maps each trainable parameter name to a tensor of the parameter's shape;
     norms are the per-example gradient norms BEFORE clipping; losses the per-example
-    losses. Memory: one chunk of per-example gradients at a time.
+    losses. Memory: one chunk of per-example gradients at a time. With `batch_loss_fn`
+    (the per-example losses [B] of a whole batch, the same function as loss_fn) the
+    gradients come from dpdm.example_grads, else from torch.func vmap over loss_fn.
     """
     import torch
 
     sums = {name: torch.zeros_like(p, memory_format=torch.contiguous_format) for name, p in _trainable(model)}
     norms, losses = [], []
-    for _, grads, loss in iter_per_example_grads(model, loss_fn, examples, chunk_size):
+    for _, grads, loss in _grad_chunks(model, loss_fn, examples, chunk_size, batch_loss_fn):
         norm = per_example_norms(grads)
         finite = torch.isfinite(norm)
         # An example whose gradient is not finite contributes zero (still at most C:
@@ -472,11 +491,21 @@ class DPSGD:
 
     dp_seed: None (default) seeds the sampler and the noise from OS entropy (secret);
     an integer makes them reproducible and NOT secret (see the module docstring).
+
+    Per-example gradients: torch.func vmap over loss_fn (any model), or, when
+    `batch_loss_fn` (the same losses for a whole batch at once, [B]) is given and every
+    layer is supported, dpdm.example_grads' rows method (the fast path: about the cost
+    of a non-private step). The first step checks the rows method against vmap on two
+    examples and refuses to train if they differ (`per_example_method` says which ran).
     """
+
+    ROWS_CHECK_EXAMPLES = 2
+    ROWS_CHECK_TOLERANCE = 1e-4  # relative, per example, over all parameters (float32)
 
     def __init__(self, loss_fn, *, noise_multiplier: float, max_grad_norm: float, num_examples: int,
                  sample_rate: float, optimizer=None, physical_batch_size: int | None = None,
-                 grad_chunk_size: int | None = None, dp_seed: int | None = None, device=None):
+                 grad_chunk_size: int | None = None, dp_seed: int | None = None, device=None,
+                 batch_loss_fn=None):
         import torch
 
         if not noise_multiplier >= 0:
@@ -489,6 +518,8 @@ class DPSGD:
             raise DPDMError(f"sampling rate q = batch_size / N must be in (0, 1], got {sample_rate}; "
                             "lower train.batch_size")
         self.loss_fn = loss_fn
+        self.batch_loss_fn = batch_loss_fn
+        self.per_example_method = None  # "rows" or "vmap", decided on the first step
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.num_examples = int(num_examples)
@@ -515,6 +546,28 @@ class DPSGD:
 
     # -- the private gradient ------------------------------------------------
 
+    def _choose_method(self, model, batch) -> None:
+        """rows when possible and verified on this batch, else vmap."""
+        from dpdm import example_grads
+
+        if self.batch_loss_fn is None or example_grads.unsupported(model):
+            self.per_example_method = "vmap"
+            return
+        n = _batch_len(batch) if any(e is not None for e in batch) else 0
+        if n == 0:
+            return  # decide on the first non-empty batch
+        probe = _select(batch, slice(0, min(n, self.ROWS_CHECK_EXAMPLES)))
+        fast, _ = example_grads.per_example_grads(model, self.batch_loss_fn, probe)
+        ref, _ = per_example_grads(model, self.loss_fn, probe)
+        diff = per_example_norms({k: fast[k] - ref[k] for k in ref})
+        scale = per_example_norms(ref).clamp_min(1e-12)
+        worst = float((diff / scale).max())
+        if not worst < self.ROWS_CHECK_TOLERANCE:
+            raise DPDMError(f"per-example gradients by rows differ from torch.func's by {worst:.2e} (relative): "
+                            "the model or loss mixes rows of different examples, so the clipping bound would not "
+                            "hold. Use a per-example loss only (no batch_loss_fn) for this model.")
+        self.per_example_method = "rows"
+
     def private_grad(self, model, batch):
         """Set p.grad to the noisy, clipped, normalised gradient of `batch`; return stats.
 
@@ -532,13 +585,17 @@ class DPSGD:
         local = batch if shard is None else tuple(None if e is None else e[shard] for e in batch)
         n_local = n if shard is None else len(shard)
 
+        if self.per_example_method is None:
+            self._choose_method(model, local)
+        batch_loss_fn = self.batch_loss_fn if self.per_example_method == "rows" else None
         named = _trainable(model)
         sums = {name: torch.zeros_like(p, memory_format=torch.contiguous_format) for name, p in named}
         norms, losses = [], []
         micro = n_local if not self.physical_batch_size else int(self.physical_batch_size)
         for start in range(0, n_local, max(1, micro)):
             part = _select(local, slice(start, min(n_local, start + micro)))
-            s, nm, ls = clipped_grad_sum(model, self.loss_fn, part, self.max_grad_norm, self.grad_chunk_size)
+            s, nm, ls = clipped_grad_sum(model, self.loss_fn, part, self.max_grad_norm, self.grad_chunk_size,
+                                         batch_loss_fn)
             for name in sums:
                 sums[name].add_(s[name])
             norms.append(nm)

@@ -294,7 +294,7 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     dp = privacy.DPSGD(diffusion.example_loss, noise_multiplier=sigma, max_grad_norm=float(pr["clip"]),
                        num_examples=n, sample_rate=q, optimizer=optimizer,
                        physical_batch_size=tr.get("physical_batch_size"), grad_chunk_size=tr.get("grad_chunk_size"),
-                       dp_seed=dp_seed, device=device)
+                       dp_seed=dp_seed, device=device, batch_loss_fn=diffusion.examples_loss)
     if not dp.secret_randomness:
         log.warning("Poisson sampling and DP noise follow a fixed seed (dp_seed / %s): reproducible, but NOT secret",
                     privacy.DP_SEED_ENV)
@@ -423,6 +423,7 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
             provenance=provenance(cell=settings.get("cell"), settings=settings,
                                   inputs=[data_dir / "train.npz", data_dir / "meta.json"], started=started,
                                   device=device))
+        ledger["per_example_gradients"] = dp.per_example_method  # rows (dpdm.example_grads) or vmap
         ledger["training_seconds"] = round(train_seconds, 3)
         ledger["world_size"] = world
         save_json(out_dir / "privacy.json", ledger)
