@@ -11,8 +11,10 @@ with label dropout), timed alternately after a warm-up; the median of the repeat
 
 1. `nonprivate`: one forward/backward of the K-averaged loss over the B x K rows and
    an Adam step (the floor: what the same training costs without privacy);
-2. `dp`: our DP-SGD step (dpdm.privacy.DPSGD: exact per-example gradients of the
-   K-averaged loss by torch.func vmap in chunks, clipping, Gaussian noise, Adam);
+2. `dp`: our DP-SGD step as training runs it (dpdm.privacy.DPSGD: exact per-example
+   gradients of the K-averaged loss by rows, dpdm.example_grads; clipping, Gaussian
+   noise, Adam); `dp_vmap`: the same step with per-example gradients by torch.func vmap
+   (the generic method, for any model);
 3. `hooks`: the approach of the paper's released code, for comparison only: stock
    Opacus GradSampleModule hooks compute B x K per-ROW gradients, each example's K rows
    are averaged, then clipped, summed and noised like (2). It holds b x K x P gradient
@@ -21,8 +23,9 @@ with label dropout), timed alternately after a warm-up; the median of the repeat
    examples (default on GPU: 256; at B = 4096, K = 32 nothing fits in one pass).
 
 Peak memory of each step is measured on CUDA with torch.cuda.max_memory_allocated, on
-CPU as the growth of the process's peak RSS (ru_maxrss) over the set-up, in a fresh
-subprocess per method.
+CPU as the process's peak RSS (VmHWM, reset after the set-up) during the first step
+minus the RSS after the set-up, in a fresh subprocess per method (so it includes the optimizer's state and,
+for the hooks, Opacus' wrapper).
 
 Sampling: DDIM with `--sample-steps` steps at a batch of `--sample-batch`, against the
 raw network forward at the same batch; `sampling_efficiency` = (images/s x network
@@ -37,7 +40,6 @@ import copy
 import json
 import logging
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,7 +57,7 @@ NETWORKS = {
     "celeba32": (32, 3, 0, {"channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 2, "attn_resolutions": [8, 16]}),
     "tiny": (16, 1, 10, {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}),
 }
-METHODS = ("nonprivate", "dp", "hooks")
+METHODS = ("nonprivate", "dp", "dp_vmap", "hooks")
 
 
 def _sync(device):
@@ -64,7 +66,7 @@ def _sync(device):
 
 
 # ----------------------------------------------------------------------------
-# The three training steps.
+# The training steps.
 
 
 class Setup:
@@ -88,10 +90,12 @@ class Setup:
         self.draw = diffusion.draw_noise(self.precond, batch, k, (channels, resolution, resolution), classes, 0.1, gen)
         self.dropped = diffusion.apply_label_dropout(self.labels, self.draw.drop, classes)
         n = 60000
-        self.dp = privacy.DPSGD(diffusion.example_loss, noise_multiplier=1.0, max_grad_norm=1.0, num_examples=n,
-                                sample_rate=batch / n, optimizer=self.optimizer,
-                                physical_batch_size=physical_batch_size, grad_chunk_size=grad_chunk_size,
-                                dp_seed=seed, device=device, batch_loss_fn=diffusion.examples_loss)
+        mechanism = dict(noise_multiplier=1.0, max_grad_norm=1.0, num_examples=n, sample_rate=batch / n,
+                         optimizer=self.optimizer, physical_batch_size=physical_batch_size,
+                         grad_chunk_size=grad_chunk_size, dp_seed=seed, device=device)
+        # Training's DP step (per-example gradients by rows), and the same with torch.func vmap.
+        self.dp = privacy.DPSGD(diffusion.example_loss, batch_loss_fn=diffusion.examples_loss, **mechanism)
+        self.dp_vmap = privacy.DPSGD(diffusion.example_loss, **mechanism)
         self._hooked = None
 
     def micro_batches(self):
@@ -109,8 +113,8 @@ class Setup:
             (diffusion.batch_loss(self.precond, self.y[rows], labels, draw).sum() / self.batch).backward()
         self.optimizer.step()
 
-    def dp_step(self):
-        self.dp.step(self.precond, (self.y, self.dropped, self.draw.sigma, self.draw.noise))
+    def dp_step(self, dp=None):
+        (dp or self.dp).step(self.precond, (self.y, self.dropped, self.draw.sigma, self.draw.noise))
 
     def hooks_grad(self):
         """p.grad = the noisy clipped sum / B from Opacus per-row gradients, on a copy of
@@ -159,7 +163,8 @@ class Setup:
         return self._hooked[:2]
 
     def step(self, method: str):
-        return {"nonprivate": self.nonprivate, "dp": self.dp_step, "hooks": self.hooks_step}[method]()
+        return {"nonprivate": self.nonprivate, "dp": self.dp_step, "dp_vmap": lambda: self.dp_step(self.dp_vmap),
+                "hooks": self.hooks_step}[method]()
 
 
 _REGISTERED = False
@@ -210,8 +215,12 @@ def time_alternating(steps: dict, repeats: int, warmup: int, device) -> dict:
     return times
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def measure_peak_memory(args, method: str, device) -> float:
@@ -236,12 +245,14 @@ def measure_peak_memory(args, method: str, device) -> float:
 
 
 def _memory_child(args, device) -> None:
-    """In a fresh process: peak RSS growth of one step over its set-up (printed)."""
+    """In a fresh process: the peak RSS of one step over the memory in use after the
+    set-up (model, optimizer, batch), printed in MB."""
     setup = Setup(args.dataset, args.batch, args.k, device, args.physical_batch, args.chunk)
-    setup.step(args.memory_of)  # first call: optimizer state, lazily built hooks
-    base = _peak_rss_mb()
+    base = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
     setup.step(args.memory_of)
-    print(max(0.0, _peak_rss_mb() - base))
+    print(max(0.0, _status_mb("VmHWM") - base))
 
 
 # ----------------------------------------------------------------------------
@@ -318,13 +329,15 @@ def run(args) -> dict:
         "dp_ex_per_s": args.batch / med["dp"],
         "dp_time_ratio": med["dp"] / med["nonprivate"],
     }
+    out["dp_method"] = setup.dp.per_example_method
+    out["dp_vmap_ex_per_s"] = args.batch / med["dp_vmap"]
     if "hooks" in med:
         out["hooks_ex_per_s"] = args.batch / med["hooks"]
         out["dp_over_hooks_speed"] = med["hooks"] / med["dp"]
     if not args.no_memory:
         for m in methods:
             out[f"{m}_peak_mem_mb"] = measure_peak_memory(args, m, device)
-    del setup.dp
+    del setup.dp, setup.dp_vmap
     out.update(bench_sampling(setup, args.sample_batch, args.sample_steps, args.repeats))
     res, ch = NETWORKS[args.dataset][:2]
     out.update(bench_fid_features(device, args.fid_batch, args.repeats, res, ch))
@@ -336,7 +349,9 @@ def report(out: dict) -> str:
              f"({out['model_params']:,} parameters), B = {out['B']}, K = {out['K']}, median of {out['repeats']}"]
     lines.append(f"  non-private step  {out['nonprivate_ex_per_s']:10.1f} examples/s")
     lines.append(f"  DP-SGD step       {out['dp_ex_per_s']:10.1f} examples/s   time ratio DP / non-private "
-                 f"= {out['dp_time_ratio']:.3f}")
+                 f"= {out['dp_time_ratio']:.3f} (per-example gradients by {out['dp_method']})")
+    lines.append(f"  DP-SGD, vmap      {out['dp_vmap_ex_per_s']:10.1f} examples/s   time ratio "
+                 f"{out['nonprivate_ex_per_s'] / out['dp_vmap_ex_per_s']:.3f}")
     if "hooks_ex_per_s" in out:
         lines.append(f"  hooks reference   {out['hooks_ex_per_s']:10.1f} examples/s   speed DP / hooks "
                      f"= {out['dp_over_hooks_speed']:.2f}x")

@@ -9,8 +9,10 @@ The mechanism (`DPSGD`), one logical step:
     batch  ~ Poisson(q):  each of the N examples independently with probability q
                           (stock Opacus UniformWithReplacementSampler, seeded generator)
     g_i    = grad of example i's loss (its K noise draws averaged INSIDE the loss),
-             exact, by torch.func (vmap over examples of grad; chunked: at most
-             chunk x P per-example gradient numbers exist at once)
+             exact: by rows (dpdm.example_grads: one batched forward/backward, per-layer
+             per-example contractions; verified against torch.func on the first step)
+             when the model's layers allow, else by torch.func (vmap over examples of
+             grad); chunked: at most chunk x P per-example gradient numbers at once
     update = ( sum_i g_i * min(1, C / ||g_i||)  +  N(0, sigma^2 C^2 I) ) / (q N)
 
 then p.grad = update and the optimizer steps. ||g_i|| is the total L2 norm over all

@@ -73,5 +73,7 @@ def test_quick_benchmark_writes_its_figures(tmp_path):
                 "forward_img_per_s", "fid_img_per_s", "device", "torch_version", "B", "K", "model_params"):
         assert key in res, key
     assert res["B"] == 8 and res["K"] == 2 and res["dp_ex_per_s"] > 0 and res["hooks_ex_per_s"] > 0
+    assert res["dp_method"] == "rows" and res["dp_vmap_ex_per_s"] > 0  # training's fast path, and vmap
+    assert res["dp_peak_mem_mb"] > 0 and res["hooks_peak_mem_mb"] > 0
     assert res["dp_time_ratio"] == pytest.approx(res["nonprivate_ex_per_s"] / res["dp_ex_per_s"])
     assert "time ratio DP / non-private" in p.stdout
