@@ -472,7 +472,7 @@ def ablation_figure(manifest: dict, df: pd.DataFrame, out_dir: Path) -> None:
             xs = sorted(df["x"].unique())
             if min(xs) > 0 and max(xs) / min(xs) >= 4:
                 ax.set_xscale("log", base=2)
-                ax.set_xticks(xs, [f"{v:g}" for v in xs])
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
             ax.set_xlabel(manifest["vary"])
         else:
             agg = aggregate(df, ["eps", "label"], metric)
