@@ -240,7 +240,11 @@ def measure_peak_memory(args, method: str, device) -> float:
         cmd += ["--physical-batch", str(args.physical_batch)]
     if args.chunk:
         cmd += ["--chunk", str(args.chunk)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:  # e.g. killed by the kernel's out-of-memory killer (-9)
+        log.warning("memory of %s: the measuring process failed with status %d (out of memory?): %s", method,
+                    out.returncode, out.stderr.strip()[-300:])
+        return None
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -355,7 +359,8 @@ def report(out: dict) -> str:
     if "hooks_ex_per_s" in out:
         lines.append(f"  hooks reference   {out['hooks_ex_per_s']:10.1f} examples/s   speed DP / hooks "
                      f"= {out['dp_over_hooks_speed']:.2f}x")
-    mem = [f"{m} {out[f'{m}_peak_mem_mb']:.0f} MB" for m in METHODS if f"{m}_peak_mem_mb" in out]
+    mem = [f"{m} " + ("failed (out of memory?)" if out[f"{m}_peak_mem_mb"] is None else f"{out[f'{m}_peak_mem_mb']:.0f} MB")
+           for m in METHODS if f"{m}_peak_mem_mb" in out]
     if mem:
         lines.append("  peak memory of a step: " + ", ".join(mem))
     lines.append(f"  DDIM-{out['sample_steps']} sampling {out['sample_img_per_s']:.1f} images/s, network forward "

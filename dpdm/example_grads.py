@@ -124,36 +124,48 @@ def _embedding(m, a, g, b):
 
 def per_example_grads(model, batch_loss_fn, examples):
     """(grads, losses): grads maps each trainable parameter name to its [B, *shape]
-    per-example gradients of batch_loss_fn(model, *examples) -> per-example losses [B]."""
+    per-example gradients of batch_loss_fn(model, *examples) -> per-example losses [B].
+
+    The forward registers a gradient hook on every layer's output; one backward pass
+    (autograd.grad to the outputs of the layers fed by data alone, whose gradients need
+    every other layer's) calls them in turn, and each turns its layer's (input, backprop)
+    into per-example gradients at once, so backprops are freed as the pass goes, as in
+    an ordinary backward, and no weight gradient is computed twice."""
     bad = unsupported(model)
     if bad:
         raise ValueError(f"per-example gradients by rows do not support the layers of {bad[:5]}")
-    captured = []
+    named = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: None for n in named.values()}
+    sources, size = [], {}
+
+    def add_grads(module, a, g):
+        b = size["examples"]
+        if a.shape[0] % b:
+            raise ValueError(f"layer {type(module).__name__} saw {a.shape[0]} rows for {b} examples: "
+                             "rows must be example-major, the same number per example")
+        for p, gp in _rule(module)(module, a, g, b).items():
+            grads[named[p]] = gp if grads[named[p]] is None else grads[named[p]] + gp
 
     def capture(module, inputs, output):
-        if torch.is_grad_enabled() and output.requires_grad:
-            captured.append((module, inputs[0].detach(), output))
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        a = inputs[0].detach()
+        output.register_hook(lambda g: add_grads(module, a, g))
+        if not inputs[0].requires_grad:
+            sources.append(output)  # fed by data only: every other layer lies between it and the loss
 
-    layers = [m for m in model.modules() if _own_params(m)]
-    handles = [m.register_forward_hook(capture) for m in layers]
+    # Data never requires grad here, so a layer's input requires grad exactly when an
+    # earlier layer feeds it: the hooks of all layers that reach the loss fire.
+    examples = [e.detach() if isinstance(e, torch.Tensor) else e for e in examples]
+    handles = [m.register_forward_hook(capture) for m in model.modules() if _own_params(m)]
     try:
         losses = batch_loss_fn(model, *examples)
     finally:
         for h in handles:
             h.remove()
-    b = losses.shape[0]
-    named = {p: n for n, p in model.named_parameters() if p.requires_grad}
-    grads = {n: None for n in named.values()}
-    if captured:
-        backprops = torch.autograd.grad(losses.sum(), [out for _, _, out in captured], allow_unused=True)
-        for (module, a, out), g in zip(captured, backprops):
-            if g is None:
-                continue
-            if a.shape[0] % b:
-                raise ValueError(f"layer {type(module).__name__} saw {a.shape[0]} rows for {b} examples: "
-                                 "rows must be example-major, the same number per example")
-            for p, gp in _rule(module)(module, a, g, b).items():
-                grads[named[p]] = gp if grads[named[p]] is None else grads[named[p]] + gp
+    size["examples"] = b = losses.shape[0]
+    if sources:
+        torch.autograd.grad(losses.sum(), sources, allow_unused=True)
     for (n, p) in model.named_parameters():
         if p.requires_grad and grads[n] is None:  # unused by this loss: zero gradient
             grads[n] = torch.zeros((b, *p.shape), dtype=p.dtype, device=p.device)
