@@ -78,11 +78,6 @@ def parse_override(text: str) -> dict:
     return node
 
 
-def with_defaults(config: dict) -> dict:
-    """The package defaults with `config` merged over them."""
-    return deep_merge(read_yaml(DEFAULTS_FILE), config)
-
-
 def load_config(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str | dict] = ()) -> dict:
     """Defaults, then each file, then each override ('a.b=value' or a dict); validated."""
     config = read_yaml(DEFAULTS_FILE)
