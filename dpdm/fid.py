@@ -203,7 +203,14 @@ def untrained_state_dict(seed: int = UNTRAINED_SEED) -> dict:
 
 
 class InceptionFeatures:
-    """Callable: uint8 NHWC batch (numpy or tensor) -> float64 (B, 2048) pool3 features."""
+    """Callable: uint8 NHWC batch (numpy or tensor) -> float64 (B, 2048) pool3 features.
+
+    On CPU a batch goes through the network CPU_CHUNK images at a time: the 299x299
+    activations of a large batch overflow the caches (2 cores, measured: 11.5 images/s
+    at 16 per call, 8.6 at 100). Features are per image (eval mode), so the chunking
+    changes nothing but float rounding."""
+
+    CPU_CHUNK = 16
 
     def __init__(self, net, device, identity: dict):
         self.net = net.to(device).eval()
@@ -241,7 +248,8 @@ class InceptionFeatures:
         with torch.inference_mode():
             x = torch.as_tensor(np.ascontiguousarray(images)).to(self.device)
             x = uint8_to_unit(x)
-            return self._forward(x).double().cpu().numpy()
+            chunk = self.CPU_CHUNK if x.device.type == "cpu" else max(len(x), 1)
+            return torch.cat([self._forward(c) for c in x.split(chunk)]).double().cpu().numpy()
 
 
 def uint8_to_unit(x):

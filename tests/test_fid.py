@@ -135,6 +135,17 @@ def test_statistics_deterministic(untrained):
     np.testing.assert_allclose(mu1, mu3, rtol=1e-5, atol=1e-8)  # other batching: equal up to float error
 
 
+def test_cpu_chunks_change_nothing_but_rounding(untrained, monkeypatch):
+    """A batch larger than CPU_CHUNK is split; the features are those of each image alone."""
+    monkeypatch.setattr(untrained, "CPU_CHUNK", 2)
+    x = _images(5, size=16, seed=7)
+    chunked = untrained(x)
+    alone = np.concatenate([untrained(x[i:i + 1]) for i in range(5)])
+    assert chunked.shape == (5, 2048)
+    np.testing.assert_allclose(chunked, alone, rtol=1e-5, atol=1e-6)
+    assert untrained(x[:0]).shape == (0, 2048)
+
+
 def test_untrained_weights_depend_only_on_seed():
     fresh = fid.untrained_state_dict.__wrapped__(fid.UNTRAINED_SEED)  # bypass the per-process cache
     cached = fid.untrained_state_dict(fid.UNTRAINED_SEED)
