@@ -205,10 +205,10 @@ def untrained_state_dict(seed: int = UNTRAINED_SEED) -> dict:
 class InceptionFeatures:
     """Callable: uint8 NHWC batch (numpy or tensor) -> float64 (B, 2048) pool3 features.
 
-    On CPU a batch goes through the network CPU_CHUNK images at a time: the 299x299
-    activations of a large batch overflow the caches (2 cores, measured: 11.5 images/s
-    at 16 per call, 8.6 at 100). Features are per image (eval mode), so the chunking
-    changes nothing but float rounding."""
+    On CPU a batch goes through the network CPU_CHUNK images at a time: large calls are
+    slower there (2 cores, measured in one process: 11.5 images/s at 16 per call, 8.6 at
+    100; presumably the 299x299 activations outgrow the caches). Features are per image
+    (eval mode), so the chunking changes nothing but float rounding."""
 
     CPU_CHUNK = 16
 
