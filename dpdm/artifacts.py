@@ -172,6 +172,33 @@ def pick_device(preference: str = "auto"):
     return torch.device(preference)
 
 
+KEEP_FREED_MEMORY_ENV = "DPDM_KEEP_FREED_MEMORY"
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory in the process (True if it took effect).
+
+    A CPU training step allocates and frees gigabytes of tensors. By default glibc
+    maps every large block (above a threshold that starts at 128 KiB and rises to at
+    most 32 MiB) afresh and unmaps it on free, so each step faults all its memory in
+    again as zero-filled pages: on the 2-core CI machine that was about a third of a
+    step's time (docs/benchmarks.md). Reusing the memory, as CUDA's caching allocator
+    does, changes no result, only when the OS gets memory back: at exit, not at each
+    free. Set DPDM_KEEP_FREED_MEMORY=0 to
+    keep glibc's defaults; other C libraries are left alone."""
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0":
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # Blocks up to 1 GiB come from the heap, and up to 2 GiB of free heap stays mapped.
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
 def seed_everything(seed: int) -> None:
     import torch
 

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dpdm.artifacts import DPDMError
+from dpdm.artifacts import DPDMError, keep_freed_memory
 
 log = logging.getLogger("dpdm")
 
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    keep_freed_memory()
     try:
         args.func(args)
     except DPDMError as e:

@@ -206,9 +206,11 @@ class InceptionFeatures:
     """Callable: uint8 NHWC batch (numpy or tensor) -> float64 (B, 2048) pool3 features.
 
     On CPU a batch goes through the network CPU_CHUNK images at a time: large calls are
-    slower there (2 cores, measured in one process: 11.5 images/s at 16 per call, 8.6 at
-    100; presumably the 299x299 activations outgrow the caches). Features are per image
-    (eval mode), so the chunking changes nothing but float rounding."""
+    slower there (2 cores, 96 images in one process: 8.4 images/s at 16 per call, 6.1 at
+    96), mostly from faulting in fresh memory for the 299x299 activations (system time
+    3.1 s against 9.1 s; with dpdm.artifacts.keep_freed_memory, as the CLI runs, 10.5
+    images/s at 16 and 7.8 at 96). Features are per image (eval mode), so the chunking
+    changes nothing but float rounding."""
 
     CPU_CHUNK = 16
 

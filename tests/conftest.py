@@ -12,3 +12,11 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _keep_freed_memory():
+    # As the CLI does (dpdm.artifacts.keep_freed_memory): the tests run the same code.
+    from dpdm.artifacts import keep_freed_memory
+
+    keep_freed_memory()
