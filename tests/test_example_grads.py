@@ -33,11 +33,9 @@ def _ddpmpp_batch(num_classes, k, n=5, seed=1):
     return precond, (y, labels, draw.sigma, draw.noise)
 
 
-@pytest.mark.parametrize("grouped_conv", [False, True])  # CPU's per-example calls, CUDA's grouped call
 @pytest.mark.parametrize("num_classes", [10, 0])
 @pytest.mark.parametrize("k", [1, 4])
-def test_rows_equal_one_autograd_pass_per_example_on_ddpmpp(num_classes, k, grouped_conv, monkeypatch):
-    monkeypatch.setattr(example_grads, "GROUPED_CONV", grouped_conv)
+def test_rows_equal_one_autograd_pass_per_example_on_ddpmpp(num_classes, k):
     precond, batch = _ddpmpp_batch(num_classes, k)
     assert example_grads.unsupported(precond) == []
     fast, losses = example_grads.per_example_grads(precond, diffusion.examples_loss, batch)
@@ -53,17 +51,23 @@ def test_rows_equal_one_autograd_pass_per_example_on_ddpmpp(num_classes, k, grou
 
 
 class TorchLayers(nn.Module):
-    """torch's own Linear, Conv2d, GroupNorm and Embedding, K rows per example."""
+    """torch's own Linear, Conv2d, GroupNorm and Embedding, K rows per example; the
+    convolutions take both paths of example_grads' rule: pointwise (1x1, no padding)
+    and grouped (3x3, 5x5, and a padded 1x1 that grows the image)."""
 
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(4, 6)
         self.conv = nn.Conv2d(1, 6, 3, padding=1)
         self.norm = nn.GroupNorm(3, 6)
-        self.lin = nn.Linear(6, 1)
+        self.point = nn.Conv2d(6, 4, 1)
+        self.wide = nn.Conv2d(4, 4, 5, padding=2, bias=False)
+        self.grow = nn.Conv2d(4, 2, 1, padding=1)
+        self.lin = nn.Linear(2, 1)
 
     def forward(self, x, labels):
         h = F.silu(self.norm(self.conv(x) + self.emb(labels)[:, :, None, None]))
+        h = self.grow(F.silu(self.wide(self.point(h))))
         return self.lin(h.mean(dim=(2, 3)))
 
 
