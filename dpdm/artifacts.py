@@ -199,6 +199,18 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
+def release_freed_memory() -> None:
+    """Give the process's free heap memory back to the OS now (glibc malloc_trim): after
+    keep_freed_memory a process holds its peak, so call this between phases of different
+    sizes, e.g. before starting a child process that needs the memory."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def seed_everything(seed: int) -> None:
     import torch
 

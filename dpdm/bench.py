@@ -47,7 +47,7 @@ import time
 
 import torch
 
-from dpdm.artifacts import atomic_path, keep_freed_memory, pick_device
+from dpdm.artifacts import atomic_path, keep_freed_memory, pick_device, release_freed_memory
 
 log = logging.getLogger("dpdm.bench")
 
@@ -215,6 +215,17 @@ def time_alternating(steps: dict, repeats: int, warmup: int, device) -> dict:
     return times
 
 
+def _counting_faults(fn, counts: list):
+    """fn, also appending the minor page faults of each call to `counts`."""
+    import resource
+
+    def counted():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return counted
+
+
 def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -312,10 +323,12 @@ def run(args) -> dict:
         _memory_child(args, device)
         return {}
     setup = Setup(args.dataset, args.batch, args.k, device, args.physical_batch, args.chunk)
-    methods = [m for m in METHODS if not (m == "hooks" and args.no_hooks)]
+    methods = [m for m in args.methods if not (m == "hooks" and args.no_hooks)]
     log.info("bench %s on %s: B = %d, K = %d, %d parameters, methods %s", args.dataset, device, args.batch, args.k,
              setup.params, methods)
-    times = time_alternating({m: (lambda m=m: setup.step(m)) for m in methods}, args.repeats, args.warmup, device)
+    faults = {m: [] for m in methods}
+    times = time_alternating({m: _counting_faults(lambda m=m: setup.step(m), faults[m]) for m in methods},
+                             args.repeats, args.warmup, device)
     med = {m: statistics.median(v) for m, v in times.items()}
     out = {
         "device": str(device) if device.type == "cpu" else f"cuda:{torch.cuda.get_device_name(device)}",
@@ -335,11 +348,15 @@ def run(args) -> dict:
         "dp_time_ratio": med["dp"] / med["nonprivate"],
     }
     out["dp_method"] = setup.dp.per_example_method
-    out["dp_vmap_ex_per_s"] = args.batch / med["dp_vmap"]
+    if "dp_vmap" in med:
+        out["dp_vmap_ex_per_s"] = args.batch / med["dp_vmap"]
     if "hooks" in med:
         out["hooks_ex_per_s"] = args.batch / med["hooks"]
         out["dp_over_hooks_speed"] = med["hooks"] / med["dp"]
+    for m in methods:  # fresh pages the OS had to fault in per step (memory freed and taken again)
+        out[f"{m}_page_faults_per_step"] = statistics.median(faults[m][-args.repeats:])
     if not args.no_memory:
+        release_freed_memory()  # the timed steps' peak (vmap's at large K) would crowd out the children
         for m in methods:
             out[f"{m}_peak_mem_mb"] = measure_peak_memory(args, m, device)
     del setup.dp, setup.dp_vmap
@@ -355,11 +372,15 @@ def report(out: dict) -> str:
     lines.append(f"  non-private step  {out['nonprivate_ex_per_s']:10.1f} examples/s")
     lines.append(f"  DP-SGD step       {out['dp_ex_per_s']:10.1f} examples/s   time ratio DP / non-private "
                  f"= {out['dp_time_ratio']:.3f} (per-example gradients by {out['dp_method']})")
-    lines.append(f"  DP-SGD, vmap      {out['dp_vmap_ex_per_s']:10.1f} examples/s   time ratio "
-                 f"{out['nonprivate_ex_per_s'] / out['dp_vmap_ex_per_s']:.3f}")
+    if "dp_vmap_ex_per_s" in out:
+        lines.append(f"  DP-SGD, vmap      {out['dp_vmap_ex_per_s']:10.1f} examples/s   time ratio "
+                     f"{out['nonprivate_ex_per_s'] / out['dp_vmap_ex_per_s']:.3f}")
     if "hooks_ex_per_s" in out:
         lines.append(f"  hooks reference   {out['hooks_ex_per_s']:10.1f} examples/s   speed DP / hooks "
                      f"= {out['dp_over_hooks_speed']:.2f}x")
+    lines.append("  page faults per step: " + ", ".join(f"{m} {out[f'{m}_page_faults_per_step']:.0f}" for m in METHODS
+                                                     if f"{m}_page_faults_per_step" in out)
+                 + f" (freed memory kept: {out['malloc_keeps_freed_memory']})")
     mem = [f"{m} " + ("failed (out of memory?)" if out[f"{m}_peak_mem_mb"] is None else f"{out[f'{m}_peak_mem_mb']:.0f} MB")
            for m in METHODS if f"{m}_peak_mem_mb" in out]
     if mem:
@@ -369,6 +390,14 @@ def report(out: dict) -> str:
                  f"{out['sampling_efficiency']:.3f}")
     lines.append(f"  FID features      {out['fid_img_per_s']:10.1f} images/s (batch {out['fid_batch']})")
     return "\n".join(lines)
+
+
+def _method_list(text: str) -> list[str]:
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
+    return [m for m in METHODS if m in chosen or m in ("nonprivate", "dp")]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -382,6 +411,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-batch", type=int, help="sampling batch (default: 64 on CPU, 1000 on GPU)")
     p.add_argument("--sample-steps", type=int, help="DDIM steps (default: 50)")
     p.add_argument("--fid-batch", type=int, help="FID feature batch (default: 16 on CPU, 500 on GPU)")
+    p.add_argument("--methods", type=_method_list, default=list(METHODS),
+                   help=f"comma-separated training steps to time (default: all of {','.join(METHODS)}; "
+                        "nonprivate and dp are always included)")
     p.add_argument("--no-hooks", action="store_true", help="skip the hook-based reference (it needs B*K*P memory)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--quick", action="store_true", help="seconds: tiny network, B = 8, K = 2, 2 repeats")

@@ -50,3 +50,24 @@ def test_freed_memory_is_reused_unless_switched_off():
     kept, faults = _faults("0")
     assert not kept
     assert faults > 30000  # glibc's default: unmapped on free, faulted in again
+
+
+RELEASE_CHILD = """
+import torch
+from dpdm.artifacts import keep_freed_memory, release_freed_memory
+def rss_mb():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) // 1024
+keep_freed_memory()
+xs = [torch.ones(2**24) for _ in range(16)]  # 16 x 64 MiB, below the 2 GiB kept at the top of the heap
+del xs
+held = rss_mb()
+release_freed_memory()
+print(held, rss_mb())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_release_gives_the_kept_memory_back():
+    out = subprocess.run([sys.executable, "-c", RELEASE_CHILD], capture_output=True, text=True, check=True)
+    held, after = map(int, out.stdout.split())
+    assert held - after > 800  # most of the freed GiB went back to the OS

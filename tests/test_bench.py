@@ -77,3 +77,14 @@ def test_quick_benchmark_writes_its_figures(tmp_path):
     assert res["dp_peak_mem_mb"] > 0 and res["hooks_peak_mem_mb"] > 0
     assert res["dp_time_ratio"] == pytest.approx(res["nonprivate_ex_per_s"] / res["dp_ex_per_s"])
     assert "time ratio DP / non-private" in p.stdout
+    assert res["dp_page_faults_per_step"] >= 0 and "hooks_page_faults_per_step" in res
+    assert "page faults per step" in p.stdout
+
+
+def test_methods_option_keeps_the_floor_and_names_bad_methods():
+    import argparse
+
+    assert bench._method_list("hooks") == ["nonprivate", "dp", "hooks"]  # the ratios need nonprivate and dp
+    assert bench._method_list("dp_vmap,dp") == ["nonprivate", "dp", "dp_vmap"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown method.*'ghost'.*choose from"):
+        bench._method_list("dp,ghost")
