@@ -180,12 +180,12 @@ def keep_freed_memory() -> bool:
 
     A CPU training step allocates and frees gigabytes of tensors. By default glibc
     maps every large block (above a threshold that starts at 128 KiB and rises to at
-    most 32 MiB) afresh and unmaps it on free, so each step faults all its memory in
-    again as zero-filled pages: on the 2-core CI machine that was about a third of a
-    step's time (docs/benchmarks.md). Reusing the memory, as CUDA's caching allocator
-    does, changes no result, only when the OS gets memory back: at exit, not at each
-    free. Set DPDM_KEEP_FREED_MEMORY=0 to
-    keep glibc's defaults; other C libraries are left alone."""
+    most 32 MiB) afresh and unmaps it on free, so each step faults its memory in again
+    as zero-filled pages: on the 2-core CI machine 3.3 GiB and a fifth of a DP step's
+    time (docs/benchmarks.md). Reusing the memory, as CUDA's caching allocator does,
+    changes no result, only when the OS gets memory back: at exit, not at each free.
+    Set DPDM_KEEP_FREED_MEMORY=0 to keep glibc's defaults; other C libraries are left
+    alone."""
     if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0":
         return False
     import ctypes
