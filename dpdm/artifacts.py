@@ -173,6 +173,17 @@ def pick_device(preference: str = "auto"):
 
 
 KEEP_FREED_MEMORY_ENV = "DPDM_KEEP_FREED_MEMORY"
+_freed_memory_kept = False
+
+
+def _libc(name: str):
+    """glibc's function `name`, or None (macOS, musl, ...)."""
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def keep_freed_memory() -> bool:
@@ -186,29 +197,28 @@ def keep_freed_memory() -> bool:
     changes no result, only when the OS gets memory back: at exit, not at each free.
     Set DPDM_KEEP_FREED_MEMORY=0 to keep glibc's defaults; other C libraries are left
     alone."""
-    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0":
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+    global _freed_memory_kept
+    mallopt = _libc("mallopt")
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0" or mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     # Blocks up to 1 GiB come from the heap, and up to 2 GiB of free heap stays mapped.
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+    _freed_memory_kept = bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+    return _freed_memory_kept
+
+
+def freed_memory_kept() -> bool:
+    """Whether keep_freed_memory took effect in this process."""
+    return _freed_memory_kept
 
 
 def release_freed_memory() -> None:
     """Give the process's free heap memory back to the OS now (glibc malloc_trim): after
     keep_freed_memory a process holds its peak, so call this between phases of different
     sizes, e.g. before starting a child process that needs the memory."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = _libc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def seed_everything(seed: int) -> None:

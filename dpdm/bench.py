@@ -47,7 +47,7 @@ import time
 
 import torch
 
-from dpdm.artifacts import atomic_path, keep_freed_memory, pick_device, release_freed_memory
+from dpdm.artifacts import atomic_path, freed_memory_kept, pick_device, release_freed_memory
 
 log = logging.getLogger("dpdm.bench")
 
@@ -342,7 +342,7 @@ def run(args) -> dict:
         "grad_chunk_size": args.chunk,
         "model_params": setup.params,
         "repeats": args.repeats,
-        "malloc_keeps_freed_memory": keep_freed_memory(),  # dpdm.artifacts: the CLI's allocator setting
+        "malloc_keeps_freed_memory": freed_memory_kept(),  # set by the CLI (dpdm.artifacts.keep_freed_memory)
         "nonprivate_ex_per_s": args.batch / med["nonprivate"],
         "dp_ex_per_s": args.batch / med["dp"],
         "dp_time_ratio": med["dp"] / med["nonprivate"],
