@@ -40,7 +40,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary file lives in the destination's folder (same filesystem, so the
     rename is atomic) and keeps the destination's suffix (numpy/matplotlib infer the
-    format from it).
+    format from it). The result gets the mode a plain `open` would give it (0666 less
+    the umask, so teammates on a shared cluster can read results), except inside the
+    private folders (PRIVATE_DIRS), which stay 0600 (mkstemp's mode), deliberately.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,10 +51,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if not is_private(path):
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return mask
 
 
 def save_json(path: str | os.PathLike, obj: Any) -> None:
@@ -129,15 +139,33 @@ def device_name(device: Any = None) -> str:
     return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+# Private side of the results: folders whose files hold private data, statistics of it
+# computed without noise, or the mechanism's secret randomness. Everything else under
+# paths.results may be published (it is the DP mechanism's output or post-processing of
+# it with public or test data), so it must hold no fingerprint of a private file.
+PRIVATE_DIRS = ("private", "checkpoints", "logs", "benchmarks")
+
+
+def is_private(path: str | os.PathLike) -> bool:
+    """Whether `path` lies in a private folder (PRIVATE_DIRS) of the results tree."""
+    return any(part in PRIVATE_DIRS for part in Path(path).parts)
+
+
 def provenance(
     *,
     cell: dict | None = None,
     settings: dict | None = None,
     inputs: list[str | os.PathLike] | None = None,
+    private_inputs: list[str | os.PathLike] | None = None,
     started: float | None = None,
     device: Any = None,
 ) -> dict:
-    """The block that every output JSON carries under the key "provenance"."""
+    """The block that every output JSON carries under the key "provenance".
+
+    `inputs` are public (samples, the model, the test split): recorded with their
+    sha256. `private_inputs` (the training split and anything computed from it without
+    noise) are recorded by path only: a hash of a private file would let anyone who knows
+    all records but one test which candidate completes the training set."""
     import torch
 
     inputs = [Path(p) for p in (inputs or [])]
@@ -147,6 +175,7 @@ def provenance(
         "cell": cell,
         "settings": settings,
         "inputs": {str(p): sha256_file(p) for p in inputs if p.is_file()},
+        "private_inputs": [str(p) for p in (private_inputs or [])],
         "wall_time_s": None if started is None else round(time.time() - started, 3),
         "device": device_name(device),
         "host": platform.node(),

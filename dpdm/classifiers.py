@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dpdm.artifacts import DPDMError, pick_device, provenance, save_json, sha256_file
 
@@ -74,18 +75,47 @@ def MLP(resolution, channels: int, num_classes: int, hidden: int = 100):
     return nn.Sequential(nn.Flatten(), nn.Linear(channels * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
+class ExampleDropout(torch.nn.Dropout):
+    """Dropout whose mask for example i comes from generators[i] alone (set per batch by
+    `use_example_generators`); without generators (or in eval mode), ordinary dropout.
+
+    Under DP-SGD the masks are part of each example's loss: drawn by position from a
+    shared stream, adding one example would shift the masks of every example after it
+    and break the sensitivity bound; keyed per example (dpdm.privacy.example_seeds)
+    they do not depend on the rest of the batch."""
+
+    generators = None
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or self.generators is None:
+            return super().forward(x)
+        if len(self.generators) != x.shape[0]:
+            raise ValueError(f"{len(self.generators)} example generators for a batch of {x.shape[0]}")
+        keep = 1.0 - self.p
+        mask = [torch.rand(x.shape[1:], generator=g, device=x.device) < keep for g in self.generators]
+        mask = torch.stack(mask) if mask else x.new_zeros(x.shape, dtype=torch.bool)
+        return x * mask.to(x.dtype) / keep
+
+
+def use_example_generators(model, generators) -> None:
+    """Draw every dropout mask of the next forward from per-example generators (None: ordinary dropout)."""
+    for m in model.modules():
+        if isinstance(m, ExampleDropout):
+            m.generators = None if generators is None else list(generators)
+
+
 def CNN(resolution, channels: int, num_classes: int, widths=(32, 64, 128), dense: int = 128, dropout: float = 0.5):
     """Three [3x3 conv ('same') -> ReLU -> 2x2 max-pool -> dropout] stages, dense 128, output."""
     nn = _nn()
     h, w = _hw(resolution)
     layers, c = [], channels
     for width in widths:
-        layers += [nn.Conv2d(c, width, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout)]
+        layers += [nn.Conv2d(c, width, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2), ExampleDropout(dropout)]
         c = width
         h, w = h // 2, w // 2
     if h < 1 or w < 1:
         raise DPDMError(f"the CNN needs images of at least 8x8 pixels, got {resolution}")
-    layers += [nn.Flatten(), nn.Linear(c * h * w, dense), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dense, num_classes)]
+    layers += [nn.Flatten(), nn.Linear(c * h * w, dense), nn.ReLU(), ExampleDropout(dropout), nn.Linear(dense, num_classes)]
     return nn.Sequential(*layers)
 
 
@@ -339,7 +369,155 @@ def classify(settings: dict, samples_path, test_path, classifier: str, out_path)
 
 
 # ----------------------------------------------------------------------------
+# The judge: how class-faithful are the samples?
+#
+# A classifier trained (non-privately) on the REAL training split labels the samples the
+# model generated for each class; its accuracy against the requested labels reads how
+# well the samples carry their class, independently of FID. The judge is a function of
+# the private training data, so its numbers are NOT covered by the DP guarantee (like
+# FID against the training split); it is a diagnostic and a learning test (a wrong label
+# mapping or a sampler that ignores the model scores at chance).
+
+JUDGE_LR = 1e-3
+JUDGE_BATCH = 128
+
+
+def fit_judge(data_dir, classifier: str, epochs: int, out_path, seed: int = 0) -> dict:
+    """Train `classifier` on the real training split (last epoch, fixed seed), record its
+    accuracy on the real test split, save {"state", "spec", "test_acc"} to out_path."""
+    import torch.nn.functional as F
+
+    from dpdm.artifacts import save_torch
+    from dpdm.data import load_split
+
+    started = time.time()
+    data_dir = Path(data_dir)
+    train_x, train_y = load_split(data_dir, "train")
+    test_x, test_y = load_split(data_dir, "test")
+    num_classes = int(max(train_y.max(), test_y.max()) + 1)
+    train_y = _check_labels(train_y, num_classes, f"real training split {data_dir}/train.npz")
+    h, w, c = train_x.shape[1:]
+    torch.manual_seed(seed)
+    model = build_classifier(classifier, (h, w), c, num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=JUDGE_LR)
+    x, y = _to_tensors(train_x, train_y, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(int(epochs)):
+        perm = torch.randperm(len(y), generator=gen)
+        for start in range(0, len(perm), JUDGE_BATCH):
+            b = perm[start:start + JUDGE_BATCH]
+            loss = F.cross_entropy(model(_scale(x[b])), y[b])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    xte, yte = _to_tensors(test_x, test_y, "cpu")
+    test_acc = _accuracy(model, xte, yte)
+    spec = {"classifier": classifier, "image_shape": [int(h), int(w), int(c)], "num_classes": num_classes,
+            "epochs": int(epochs), "seed": int(seed), "lr": JUDGE_LR, "batch_size": JUDGE_BATCH}
+    save_torch(out_path, {"format": "dpdm-judge-v1", "state": model.state_dict(), "spec": spec,
+                          "test_acc": test_acc, "seconds": round(time.time() - started, 3)})
+    log.info("judge %s: trained on %d real training images, real test accuracy %.4f", classifier, len(y), test_acc)
+    return {"test_acc": test_acc, "spec": spec}
+
+
+def judge_samples(settings: dict, judge_path, samples_path, out_path) -> dict:
+    """The judge's accuracy on class-conditional samples (the labels they were generated
+    for), overall and per class -> JSON, labelled as not covered by the DP guarantee."""
+    judge_path, samples_path = Path(judge_path), Path(samples_path)
+    try:
+        judge = torch.load(judge_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DPDMError(f"judge {judge_path} cannot be read ({type(e).__name__}: {e}); delete it and rerun "
+                        "(python -m dpdm judge-fit)") from e
+    spec = judge["spec"]
+    images, labels = _read_npz(samples_path, "samples")
+    labels = _check_labels(labels, int(spec["num_classes"]), f"samples {samples_path}")
+    if list(images.shape[1:]) != list(spec["image_shape"]):
+        raise DPDMError(f"samples {samples_path} are {list(images.shape[1:])} (H, W, C) but the judge {judge_path} "
+                        f"was trained on {spec['image_shape']} images")
+    model = build_classifier(spec["classifier"], tuple(spec["image_shape"][:2]), spec["image_shape"][2],
+                             spec["num_classes"])
+    model.load_state_dict(judge["state"])
+    x, y = _to_tensors(images, labels, "cpu")
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(_scale(x[i:i + EVAL_BATCH_SIZE])).argmax(1) for i in range(0, len(y), EVAL_BATCH_SIZE)])
+    correct = (pred == y)
+    per_class = {int(k): float(correct[y == k].float().mean()) for k in torch.unique(y).tolist()}
+    result = {
+        "judge_acc": float(correct.float().mean()),
+        "per_class": per_class,
+        "num_samples": int(len(y)),
+        "judge": {**spec, "real_test_acc": judge["test_acc"]},
+        "covered_by_dp": False,
+        "not_covered": "the judge is trained on the private training split: its accuracy on the samples is a "
+                       "diagnostic, NOT covered by the DP guarantee",
+        "chance": 1.0 / spec["num_classes"],
+    }
+    result["provenance"] = provenance(cell=settings.get("cell"), settings=settings, inputs=[samples_path],
+                                      private_inputs=[judge_path])
+    save_json(out_path, result)
+    log.info("judge accuracy on %s: %.4f (chance %.3f; the judge scores %.4f on real test images)", samples_path,
+             result["judge_acc"], result["chance"], judge["test_acc"])
+    return result
+
+
+# ----------------------------------------------------------------------------
 # DP-SGD baselines on real data.
+
+
+def make_private(model, optimizer, images, labels, sample_rate: float, noise_multiplier: float, clip: float,
+                 dp_seed: int | None, device, accountant: str = "rdp"):
+    """Stock Opacus DP-SGD around `model`: (private model, DP optimizer, Poisson loader of
+    (image uint8, label, index), secret per-example key).
+
+    Every example is in a step's batch independently with probability q (Opacus'
+    DPDataLoader, rate exactly q = batch/N); clipped gradients plus N(0, sigma^2 C^2) are
+    divided by the expected batch size q N. Which examples were sampled, what noise was
+    added and each example's dropout masks (keyed by `example_key`, the step and the
+    example's index: `private_backward`) are secret (OS entropy) unless `dp_seed` is
+    given (see dpdm.privacy)."""
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import TensorDataset
+
+    from dpdm import privacy
+
+    base = privacy.secret_seed() if dp_seed is None else int(dp_seed)
+    dataset = TensorDataset(images, labels, torch.arange(len(labels)))
+    loader = DPDataLoader(dataset, sample_rate=sample_rate,
+                          generator=torch.Generator().manual_seed(privacy.derive_seed(base, "poisson")))
+    noise_gen = torch.Generator(device=device).manual_seed(privacy.derive_seed(base, "dp-noise"))
+    example_key = privacy.derive_seed(base, "example-draws")
+    del base
+    engine = PrivacyEngine(accountant=accountant)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier, max_grad_norm=clip,
+        poisson_sampling=False,  # the loader already samples Poisson with rate exactly q = batch/N
+        noise_generator=noise_gen,
+    )
+    optimizer.expected_batch_size = sample_rate * len(labels)  # clipped + noised sum divided by q*N
+    return model, optimizer, loader, example_key
+
+
+def private_backward(model, images, labels, indices, example_key: int, step: int, device):
+    """Forward and backward of one Poisson batch (uint8 images) with each example's
+    dropout masks drawn from its own secret generator (key, step, index); Opacus' hooks
+    then hold the per-example gradients for the optimizer to clip and noise. Returns the
+    mean loss (a statistic of private data without noise: private)."""
+    import torch.nn.functional as F
+
+    from dpdm import privacy
+
+    use_example_generators(model, privacy.example_generators(example_key, step, indices.tolist(), device))
+    try:
+        labels = labels.to(device)
+        loss = F.cross_entropy(model(_scale(images.to(device))), labels, reduction="sum") / max(len(labels), 1)
+        loss.backward()
+    finally:
+        use_example_generators(model, None)
+    return loss
 
 
 def dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
@@ -354,13 +532,7 @@ def dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
 
 
 def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
-    import opacus
-    import torch
-    import torch.nn.functional as F
-    from opacus import PrivacyEngine
-    from opacus.data_loader import DPDataLoader
     from opacus.validators import ModuleValidator
-    from torch.utils.data import TensorDataset
     from tqdm import tqdm
 
     from dpdm import privacy
@@ -403,23 +575,9 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     x_cpu = torch.from_numpy(np.ascontiguousarray(train_x)).permute(0, 3, 1, 2).contiguous()
-    dataset = TensorDataset(x_cpu, torch.from_numpy(train_y))
-    # Opacus' Poisson sampler: every example independently with probability q per step.
-    # Which examples were sampled and what noise was added must be secret (OS entropy)
-    # unless a DP seed is given for reproducibility (see dpdm.privacy).
     dp_seed = privacy.dp_seed_from_env()
-    base = privacy.secret_seed() if dp_seed is None else int(dp_seed)
-    loader = DPDataLoader(dataset, sample_rate=q,
-                          generator=torch.Generator().manual_seed(privacy.derive_seed(base, "poisson")))
-    noise_gen = torch.Generator(device=device).manual_seed(privacy.derive_seed(base, "dp-noise"))
-    del base
-    engine = PrivacyEngine(accountant=accountant)
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip,
-        poisson_sampling=False,  # the loader already samples Poisson with rate exactly q = batch/N
-        noise_generator=noise_gen,
-    )
-    optimizer.expected_batch_size = batch_size  # the average of clipped+noised gradients divides by q*N
+    model, optimizer, loader, example_key = make_private(model, optimizer, x_cpu, torch.from_numpy(train_y), q, sigma,
+                                                         clip, dp_seed, device, accountant)
     xte, yte = _to_tensors(test_x, test_y, device)
 
     epoch_ends = [min(steps, privacy.steps_for(e, q)) for e in range(1, epochs + 1)]
@@ -430,15 +588,12 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
     with tqdm(total=steps, desc=f"dp-sgd {classifier}", unit="step", mininterval=5.0) as bar:
         while steps_taken < steps:
             try:
-                xb, yb = next(batches)
+                xb, yb, ib = next(batches)
             except StopIteration:
                 batches = iter(loader)
-                xb, yb = next(batches)
-            xb, yb = _scale(xb.to(device)), yb.to(device)
+                xb, yb, ib = next(batches)
             optimizer.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, reduction="sum") / max(len(yb), 1)
-            loss.backward()
+            loss = private_backward(model, xb, yb, ib, example_key, steps_taken, device)
             optimizer.step()
             steps_taken += 1
             loss_sum += float(loss.detach()) * len(yb)
@@ -461,11 +616,13 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
     ledger = privacy.privacy_ledger(
         history=[[sigma, q, steps_taken]], num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=clip,
         noise_multiplicity=1, delta=delta, target_eps=target_eps, calibration=calibration, accountant=accountant,
-        planned_steps=steps, dataset_sha256=sha256_file(data_dir / "train.npz"), seed=seed, provenance=None,
-        secret_randomness=dp_seed is None,
-        covers=f"the trained {classifier} (last epoch) and its reported test accuracy",
-        not_covered=("curves.train_loss (computed on private data without noise): do not publish it. The "
-                     "baseline hyperparameters are fixed defaults; tuning them on private data is not covered."))
+        planned_steps=steps, seed=seed, provenance=None, secret_randomness=dp_seed is None,
+        covers=[f"the trained {classifier} (last epoch)", "its test accuracy and the per-epoch test accuracies "
+                "(`curves`: the model evaluated on the public test set)"],
+        not_covered=[f"private/{Path(out_path).stem}.json: training losses, realised batch sizes and timings "
+                     "(computed on private data without noise)", "logs/ and benchmarks/ of the job",
+                     "the baseline hyperparameters are fixed defaults; tuning them on private data is not covered"],
+        choices=priv["choices_on_private_data"])
     ledger.update(
         mechanism="DP-SGD (Opacus optimizer): per-example gradient clipping, Gaussian noise, Poisson subsampling",
         model_selection=("last epoch. No validation split is carved out of the private training data and no "
@@ -487,14 +644,19 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
                             "loss": "cross-entropy"},
         "num_params": _num_params(model),
         "privacy": ledger,
-        "curves": curves,
-        "timing": {"total_s": round(time.time() - started, 3)},
+        "curves": {k: curves[k] for k in ("epoch", "step", "test_acc")},
         "data_dir": str(data_dir),
     }
-    result["provenance"] = provenance(cell=settings.get("cell"), settings=settings,
-                                      inputs=[data_dir / "train.npz", data_dir / "test.npz"], started=started,
-                                      device=device)
+    result["provenance"] = provenance(cell=settings.get("cell"), settings=settings, inputs=[data_dir / "test.npz"],
+                                      private_inputs=[data_dir / "train.npz"], device=device)
+    # Statistics of the private data without noise, and timings that depend on the secret
+    # batch sizes: beside the result, in its private folder (never published).
+    private = {"curves": {k: curves[k] for k in ("epoch", "step", "train_loss", "mean_batch", "epoch_s")},
+               "train_npz_sha256": sha256_file(data_dir / "train.npz"),
+               "timing": {"total_s": round(time.time() - started, 3)}}
+    save_json(Path(out_path).parent / "private" / f"{Path(out_path).stem}.json", private)
     save_json(out_path, result)
+    result["private"] = private
     log.info("baseline %s: real test accuracy %.4f after %d steps, eps_rdp = %.4f, eps_prv = %s (target %g)",
              classifier, result["test_acc"], steps_taken, ledger["eps_rdp"], ledger["eps_prv"], target_eps)
     return result

@@ -22,7 +22,7 @@ The registry (`DATASETS`):
     celeba32               32x32x3, unconditional; img_align_celeba.zip + list_eval_partition.txt;
                            train = partition 0, test = partition 2 (validation unused);
                            centre crop 178x178 then PIL Lanczos resize to 32x32
-    digits                 scikit-learn's bundled 8x8 digits, upscaled to 16x16 or 28x28
+    digits                 scikit-learn's bundled 8x8 digits, native or upscaled to 16x16 or 28x28
                            (bicubic), stratified 80/20 split with a fixed seed. For smoke
                            tests and CI: no download, seconds to train on a CPU.
 """
@@ -68,7 +68,7 @@ CELEBA_RESIZE = "lanczos"
 # digits: split and upscaling.
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
-DIGITS_SIZES = (16, 28)
+DIGITS_SIZES = (8, 16, 28)  # 8: the native images, no resize
 DIGITS_RESIZE = "bicubic"
 
 
@@ -219,7 +219,7 @@ DATASETS: dict[str, DatasetSpec] = {
         num_classes=10,
         raw_files=(),
         description="scikit-learn's bundled 8x8 handwritten digits (UCI optdigits test set, 1,797 "
-        "images, values 0..16 scaled to 0..255), upscaled to 16x16 or 28x28 with PIL bicubic; "
+        "images, values 0..16 scaled to 0..255), native 8x8 or upscaled to 16x16 or 28x28 with PIL bicubic; "
         f"stratified {1 - DIGITS_TEST_FRACTION:.0%}/{DIGITS_TEST_FRACTION:.0%} train/test split, "
         f"seed {DIGITS_SPLIT_SEED}. Tiny and offline: for smoke tests and CI.",
         homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
@@ -568,7 +568,8 @@ def _load_digits(spec: DatasetSpec, size: int) -> tuple[dict, dict]:
     labels = np.asarray(bunch.target, dtype=np.int64)
     small = np.clip(np.round(raw * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     images = np.stack([
-        np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+        im if size == 8 else np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC),
+                                        dtype=np.uint8)
         for im in small
     ])[..., None]
     train_idx, test_idx = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
@@ -576,7 +577,7 @@ def _load_digits(spec: DatasetSpec, size: int) -> tuple[dict, dict]:
     pre = {
         "source": f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__}), 1797 images 8x8, values 0..16",
         "scale": "round(x * 255 / 16) -> uint8 0..255",
-        "resize": f"PIL Image.Resampling.BICUBIC 8x8 -> {size}x{size}",
+        "resize": "none (native 8x8)" if size == 8 else f"PIL Image.Resampling.BICUBIC 8x8 -> {size}x{size}",
         "resize_method": DIGITS_RESIZE,
         "digits_size": size,
         "split": f"stratified: per class, round({DIGITS_TEST_FRACTION} * n_class) random images go to test "

@@ -16,7 +16,8 @@ loss is the plain regression loss of F against its effective target.
 Noise multiplicity (DPDM Sec. 3.2): each example's loss averages K independent
 noise draws before its gradient is clipped, which lowers the variance of the clipped
 per-example gradient at no privacy cost. Randomness is split from computation:
-`draw_noise` draws sigma, n and the label-dropout flags for a batch; `example_loss`
+`draw_noise` draws sigma, n and the label-dropout flags for a batch (DP training:
+`draw_example_noise`, each example from its own secret generator); `example_loss`
 (one example, vmap-able) and `batch_loss` (all examples in one forward) are
 deterministic functions of those draws, so per-example gradients are exact and
 reproducible.
@@ -267,6 +268,20 @@ def draw_noise(precond: Precond, batch_size: int, K: int, image_shape, num_class
     u = torch.rand([batch_size], generator=generator, device=device)
     drop = (u < label_dropout) & (num_classes > 0)
     return NoiseDraw(sigma=sigma, noise=noise, drop=drop)
+
+
+def draw_example_noise(precond: Precond, generators, K: int, image_shape, num_classes: int,
+                       label_dropout: float, device=None) -> NoiseDraw:
+    """`draw_noise` for a batch in which example i draws ONLY from generators[i] (in the
+    same order: its K sigmas, its K noise images, its dropout flag), so its draws do not
+    depend on the other examples of the batch. DP training passes generators keyed by
+    the secret key, the step and the example's index (dpdm.privacy.example_seeds)."""
+    draws = [draw_noise(precond, 1, K, image_shape, num_classes, label_dropout, g) for g in generators]
+    if not draws:  # an empty Poisson batch
+        device = torch.device(device or "cpu")
+        return NoiseDraw(sigma=torch.zeros([0, K], device=device), noise=torch.zeros([0, K, *image_shape],
+                         device=device), drop=torch.zeros([0], dtype=torch.bool, device=device))
+    return NoiseDraw(*(torch.cat(parts) for parts in zip(*draws)))
 
 
 def apply_label_dropout(labels: torch.Tensor | None, drop: torch.Tensor, num_classes: int) -> torch.Tensor | None:

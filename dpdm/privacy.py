@@ -25,16 +25,28 @@ adds the noise before the all_reduce of the clipped sums (see `DPSGD`).
 by RDP and by PRV from the steps the mechanism recorded.
 
 Randomness. The guarantee assumes the adversary cannot predict WHICH examples were
-sampled or WHAT noise was added. A seed written in a config or ledger would let anyone
-with the code regenerate both, so by default the Poisson sampler and the DP noise are
-seeded from OS entropy (`secrets`), shared across ranks by broadcast, and their state
-is kept only in training checkpoints (private files, like the data; deleted when
-training finishes): resume stays exact, a fresh run draws fresh randomness. Passing an
-integer `dp_seed` makes both reproducible (tests, debugging); the ledger then says the
+sampled, WHAT noise was added, or the randomness inside each example's loss (the noise
+levels and noise of the diffusion loss, label dropout, a classifier's dropout masks).
+The last one matters as much as the others: the sensitivity argument needs adding one
+example x* to change the step's clipped sum by at most C. If the loss's draws came from
+a public stream handed out by position in the batch, x* would shift the draws of every
+example after it, in this step and every later one, and the clipped sum could move by
+far more than C (measured: 1.27 C in the step that sampled x*, and 6.06 in a later step
+that did not). So every source is secret, and the loss's draws are keyed per example:
+example i at step t draws from its own generator seeded by a keyed hash (BLAKE2b with a
+secret key) of (t, i) (`example_seeds`), so its draws do not depend on which other
+examples were sampled, and adding x* changes the clipped sum by its own clipped
+gradient alone (tests/test_privacy.py shows both).
+
+By default the Poisson sampler, the DP noise and the per-example key are derived from
+OS entropy (`secrets`), shared across ranks by broadcast, and their state is kept only
+in training checkpoints (private files, like the data; deleted when training
+finishes): resume stays exact, a fresh run draws fresh randomness. Passing an integer
+`dp_seed` makes all three reproducible (tests, debugging); the ledger then says the
 randomness is NOT secret. The generators are torch's (Mersenne Twister on CPU, Philox on
-CUDA), not cryptographic RNGs; Opacus' secure_mode (torchcsprng) is not used.
-Randomness that the guarantee does not rely on (initial weights, noise levels and noise
-of the diffusion loss, label dropout) is seeded from the cell seed.
+CUDA), not cryptographic RNGs; Opacus' secure_mode (torchcsprng) is not used. Only
+randomness that is independent of the data and public anyway (the initial weights) is
+seeded from the cell seed.
 """
 
 from __future__ import annotations
@@ -438,6 +450,25 @@ def derive_seed(seed: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def example_seeds(key: int, step: int, indices) -> list[int]:
+    """One 63-bit seed per example: BLAKE2b keyed with the secret `key`, of (step, index).
+
+    The seed of example i at step t depends on nothing else, in particular not on which
+    other examples the Poisson batch holds or where i sits in it."""
+    import hashlib
+
+    k = int(key).to_bytes(8, "little")
+    return [int.from_bytes(hashlib.blake2b(f"{int(step)}:{int(i)}".encode(), key=k, digest_size=8).digest(),
+                           "little") >> 1 for i in indices]
+
+
+def example_generators(key: int, step: int, indices, device="cpu") -> list:
+    """A torch.Generator per example, seeded by `example_seeds` (on `device`)."""
+    import torch
+
+    return [torch.Generator(device=device).manual_seed(s) for s in example_seeds(key, step, indices)]
+
+
 def secret_seed() -> int:
     """A 63-bit seed from OS entropy; under torch.distributed, rank 0's, broadcast to all ranks."""
     import secrets
@@ -535,6 +566,7 @@ class DPSGD:
         base = secret_seed() if dp_seed is None else int(dp_seed)
         self.sampling_generator = torch.Generator(device="cpu").manual_seed(derive_seed(base, "poisson"))
         self.noise_generator = torch.Generator(device=self.device).manual_seed(derive_seed(base, "dp-noise"))
+        self.example_key = derive_seed(base, "example-draws")  # keys each example's loss randomness
         del base
         self._sampler = poisson_sampler(self.num_examples, self.sample_rate, self.sampling_generator)
         self.history: list[list] = []  # [[noise_multiplier, sample_rate, steps], ...] as an accountant's
@@ -545,6 +577,13 @@ class DPSGD:
     def sample(self):
         """The next logical batch: int64 indices into the training set (may be empty)."""
         return draw_poisson_batch(self._sampler)
+
+    def example_generators(self, indices, device=None) -> list:
+        """One generator per example of the next step's batch, for the randomness inside its
+        loss (noise levels, noise, label or dropout masks): seeded from the secret key, the
+        step and the example's index only (`example_seeds`)."""
+        return example_generators(self.example_key, self.steps, indices.tolist() if hasattr(indices, "tolist")
+                                  else indices, self.device if device is None else device)
 
     # -- the private gradient ------------------------------------------------
 
@@ -669,6 +708,7 @@ class DPSGD:
             "secret_randomness": self.secret_randomness,
             "sampling_generator": self.sampling_generator.get_state(),
             "noise_generator": self.noise_generator.get_state(),
+            "example_key": self.example_key,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -682,26 +722,47 @@ class DPSGD:
         self.secret_randomness = bool(state.get("secret_randomness", False))
         self.sampling_generator.set_state(state["sampling_generator"].cpu())
         self.noise_generator.set_state(state["noise_generator"].cpu())
+        self.example_key = int(state["example_key"])
 
 
 # ----------------------------------------------------------------------------
 # The privacy ledger (privacy.json).
 
-GENERATOR_COVERS = "model.pt (raw and EMA weights) and everything computed from it (samples, FID, classifiers)"
-GENERATOR_NOT_COVERED = ("train_metrics.csv (loss, fraction clipped, gradient norms are computed on private data "
-                         "without noise): do not publish it")
+NEIGHBOURING = ("add/remove one training example (example-level DP). The number of training examples N is treated "
+                "as public (as Opacus does): it sets the sampling rate q = batch_size / N and appears in this ledger")
+# What the guarantee covers: the outputs of the mechanism and their post-processing with
+# public or test data only. What it does not: anything computed from the private split
+# without noise. Every table and figure that shows a non-covered number says so.
+GENERATOR_COVERS = (
+    "model.pt (raw and EMA weights)",
+    "samples_*.npz and grid_*.png (generated from the model)",
+    "classify_*.json: classifiers trained on the samples, selected on a synthetic validation split, tested on the "
+    "real test set",
+    "fid_*.json and precision/recall against the TEST split (samples vs. public test data)",
+)
+GENERATOR_NOT_COVERED = (
+    "FID and precision/recall against the TRAINING split (fid.reference_split: train, the paper's protocol): a "
+    "statistic of the private data, not post-processing of the model; labelled in every table and figure",
+    "private/ (train_metrics.csv: losses, clipped fractions, gradient norms and realised batch sizes computed on "
+    "private data without noise; the hashes of the private inputs)",
+    "logs/ and benchmarks/ (the same statistics and the timings of the training job)",
+    "checkpoints/ (the secret randomness of the mechanism; deleted when training finishes)",
+    "choices made by looking at any of the above: listed under `choices_on_private_data`",
+)
 PRV_EPS_ERROR = 0.01  # Opacus PRVAccountant default: the reported value is its upper bound
 
 
 def privacy_ledger(*, history, num_examples: int, sample_rate: float, noise_multiplier: float, clip: float,
                    noise_multiplicity: int, delta: float, target_eps: float, calibration: str, accountant: str,
-                   planned_steps: int, dataset_sha256: str | None, seed: int, provenance: dict | None,
-                   secret_randomness: bool = True, covers: str = GENERATOR_COVERS,
-                   not_covered: str = GENERATOR_NOT_COVERED) -> dict:
+                   planned_steps: int, seed: int, provenance: dict | None, secret_randomness: bool = True,
+                   covers=GENERATOR_COVERS, not_covered=GENERATOR_NOT_COVERED, choices=()) -> dict:
     """What privacy.json records: the mechanism's parameters and the epsilon it spent.
 
     Every epsilon here is recomputed by an accountant from `history` (the steps the
-    mechanism actually took, with their sigma and q), by RDP and by PRV.
+    mechanism actually took, with their sigma and q), by RDP and by PRV. It holds no
+    function of the private data beyond N (no hash, no class counts): published files
+    must not fingerprint the training set. `choices` lists decisions made by looking at
+    numbers the guarantee does not cover (config privacy.choices_on_private_data).
     """
     import opacus
 
@@ -718,9 +779,10 @@ def privacy_ledger(*, history, num_examples: int, sample_rate: float, noise_mult
     calibrated = eps.get(accountant)
     ledger = {
         "mechanism": "DP-SGD: Poisson-subsampled Gaussian mechanism on per-example clipped gradients",
-        "neighbouring": "add/remove one training example (example-level DP)",
-        "covers": covers,
-        "not_covered": not_covered,
+        "neighbouring": NEIGHBOURING,
+        "covers": list(covers),
+        "not_covered": list(not_covered),
+        "choices_on_private_data": list(choices),
         "num_examples": int(num_examples),
         "sample_rate": float(sample_rate),
         "expected_batch_size": float(sample_rate) * int(num_examples),
@@ -745,12 +807,13 @@ def privacy_ledger(*, history, num_examples: int, sample_rate: float, noise_mult
                     "eps_error": PRV_EPS_ERROR, "delta_error": float(delta) / 1000, "reported": "upper bound"},
         },
         "history": history,
-        "dataset_sha256": dataset_sha256,
         "seed": int(seed),
-        "dp_randomness": ("secret: Poisson sampling and DP noise seeded from OS entropy, never recorded"
+        "dp_randomness": ("secret: Poisson sampling, DP noise and each example's loss randomness (keyed by a secret "
+                          "key, the step and the example's index) seeded from OS entropy, never recorded"
                           if secret_randomness else
-                          "REPRODUCIBLE (dp_seed given): Poisson sampling and DP noise follow a known seed; the "
-                          "guarantee holds only against adversaries who do not know it"),
+                          "REPRODUCIBLE (dp_seed given): Poisson sampling, DP noise and the per-example loss "
+                          "randomness follow a known seed; the guarantee holds only against adversaries who do not "
+                          "know it"),
         "provenance": provenance,
     }
     if errors:

@@ -207,22 +207,36 @@ def _labels_for(opts: dict, num_classes: int, n: int, generator: torch.Generator
     return torch.full([n], c, dtype=torch.long, device=device)
 
 
+GRID_PAD = 1  # pixels between the grid's images
+GRID_PAD_VALUE = 128  # mid grey: visible against black and white backgrounds
+
+
+def grid_order(labels: np.ndarray, grid_size: int) -> np.ndarray:
+    """Indices of the images a grid shows: conditional, one row per class (up to grid_size
+    rows), each holding that class's first grid_size samples; unconditional, the first
+    grid_size^2."""
+    if len(labels) == 0 or labels.min() < 0:
+        return np.arange(min(len(labels), grid_size * grid_size))
+    rows = [np.flatnonzero(labels == c)[:grid_size] for c in np.unique(labels)[:grid_size]]
+    return np.concatenate([np.pad(r, (0, grid_size - len(r)), constant_values=-1) for r in rows])
+
+
 def save_grid(path, images: np.ndarray, labels: np.ndarray, grid_size: int) -> None:
-    """PNG of the first grid_size^2 images (sorted by class when conditional), written atomically."""
+    """PNG of a grid_size-wide grid (`grid_order`: one row per class when conditional), the
+    images separated by GRID_PAD grey pixels, written atomically. A class with fewer than
+    grid_size samples leaves its row's end empty."""
     from PIL import Image
 
-    k = min(len(images), grid_size * grid_size)
-    images, labels = images[:k], labels[:k]
-    if k and labels.min() >= 0:
-        order = np.argsort(labels, kind="stable")
-        images = images[order]
-    n, h, w, c = images.shape if k else (0, 1, 1, 1)
-    cols = max(1, min(grid_size, n))
-    rows = max(1, math.ceil(n / cols))
-    canvas = np.zeros([rows * h, cols * w, c], dtype=np.uint8)
-    for i in range(n):
+    order = grid_order(labels, grid_size)
+    h, w, c = images.shape[1:] if len(images) else (1, 1, 1)
+    cols = max(1, min(grid_size, len(order)))
+    rows = max(1, math.ceil(len(order) / cols))
+    step_h, step_w = h + GRID_PAD, w + GRID_PAD
+    canvas = np.full([rows * step_h + GRID_PAD, cols * step_w + GRID_PAD, c], GRID_PAD_VALUE, dtype=np.uint8)
+    for i, index in enumerate(order):
         r, q = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+        top, left = GRID_PAD + r * step_h, GRID_PAD + q * step_w
+        canvas[top:top + h, left:left + w] = images[index] if index >= 0 else 0
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")

@@ -9,7 +9,8 @@
   per example, per-example clipped gradients of the K-averaged loss, Gaussian noise,
   division by the expected batch size, Adam; then an EMA of the weights.
 * outputs, each written atomically, in this order:
-      {out}/train_metrics.csv  per logged step (means over the steps since the last row)
+      {out}/private/train_metrics.csv  per logged step (means over the steps since the last row)
+      {out}/private/run.json           sha256 of the training data read, timings (private)
       {out}/model.pt           raw + EMA weights, settings, spec, step (diffusion.save_model)
       {out}/privacy.json       the ledger: epsilon recomputed from the steps ACTUALLY taken
   privacy.json is written last: its presence marks a finished cell.
@@ -24,14 +25,22 @@ optimizer state, random streams, metrics and accountant history, each step count
 once. A checkpoint written with different training settings is refused with an error
 naming it. The checkpoint is deleted after a successful finish.
 
-Randomness: initial weights, diffusion noise and label dropout follow the cell seed.
-The Poisson sampling and the DP noise are secret (OS entropy) unless a DP seed is given
-(`dp_seed=` or the environment variable DPDM_DP_SEED): see dpdm.privacy. Checkpoints hold
-their generator state, so treat checkpoints as private as the training data.
+Randomness: the initial weights follow the cell seed (they do not depend on the data).
+Everything else that training draws is part of the mechanism and secret (OS entropy)
+unless a DP seed is given (`dp_seed=` or the environment variable DPDM_DP_SEED): the
+Poisson sampling, the DP noise, and the diffusion loss's noise levels, noise and label
+dropout, which each example draws from its own generator keyed by the secret key, the
+step and its index (`private_batch`; see dpdm.privacy). Checkpoints hold the generator
+states and the key, so treat checkpoints as private as the training data.
 
-train_metrics.csv holds statistics computed on the private data WITHOUT noise (loss,
-fraction clipped, gradient norms): it is a diagnostic for the data owner and is NOT
-covered by the DP guarantee (privacy.json says so too). Do not publish it.
+EMA: the decay ramps up as in NVlabs/edm (`ema_decay_at`, config train.ema_rampup) to
+the paper's train.ema_decay, so short runs sample from trained weights.
+
+The cell's private/ folder holds what is NOT covered by the DP guarantee and must not
+be published: train_metrics.csv (loss, fraction clipped, gradient norms and realised batch
+sizes, computed on the private data WITHOUT noise; a diagnostic for the data owner) and
+the hashes of the private inputs (a hash of train.npz would fingerprint the training
+set). privacy.json lists what is covered and what is not.
 """
 
 from __future__ import annotations
@@ -53,9 +62,11 @@ from dpdm.artifacts import (DPDMError, atomic_path, pick_device, provenance, sav
 log = logging.getLogger("dpdm.train")
 
 EXIT_CHECKPOINTED = 75  # exit status after a signal-triggered checkpoint (EX_TEMPFAIL: retry me)
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # SIGINT: Ctrl-C checkpoints too; a second one aborts
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = "dpdm-train-checkpoint-v1"
+CHECKPOINT_FORMAT = "dpdm-train-checkpoint-v2"  # v2: secret per-example loss randomness
+METRICS_FILE = "private/train_metrics.csv"  # not covered by the DP guarantee: private
+PRIVATE_RUN_FILE = "private/run.json"  # sha256 of the data read, timings
 METRICS_COLUMNS = ("step", "epoch", "loss", "batch_size", "frac_clipped", "grad_norm", "eps_rdp", "lr", "seconds")
 
 # Settings that cannot change what training computes (they are excluded from the
@@ -98,13 +109,18 @@ def _differing_keys(a: dict, b: dict) -> list[str]:
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 handler: remember the signal; the loop acts at the end of a step."""
+    """SIGTERM / SIGUSR1 / SIGINT handler: remember the signal; the loop acts at the end
+    of a step (checkpoint, exit EXIT_CHECKPOINTED). A second Ctrl-C aborts at once."""
 
     def __init__(self):
         self.signum = None
         self._previous = {}
 
     def __call__(self, signum, frame):
+        if signum == self.signum == signal.SIGINT:
+            raise KeyboardInterrupt("second Ctrl-C: stopped without a checkpoint of this step")
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: finishing this step, then checkpointing (press Ctrl-C again to abort at once)")
         self.signum = signum
 
     def install(self):
@@ -126,7 +142,7 @@ class StopFlag:
 # Random state.
 
 
-def _rng_state(generators: dict) -> dict:
+def _rng_state() -> dict:
     import torch
 
     np_state = np.random.get_state()
@@ -135,12 +151,11 @@ def _rng_state(generators: dict) -> dict:
         "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generators": {name: g.get_state() for name, g in generators.items()},
     }
     return state
 
 
-def _set_rng_state(state: dict, generators: dict) -> None:
+def _set_rng_state(state: dict) -> None:
     import torch
 
     random.setstate(_tuplify(state["python"]))
@@ -149,8 +164,6 @@ def _set_rng_state(state: dict, generators: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    for name, g in generators.items():
-        g.set_state(state["generators"][name].cpu())
 
 
 def _tuplify(x):
@@ -202,6 +215,24 @@ def write_metrics_csv(path, rows: list[dict]) -> None:
 # The loop.
 
 
+def ema_decay_at(step: int, expected_batch: float, decay: float, rampup: float | None) -> float:
+    """The EMA decay after DP step `step` (1-based), with NVlabs/edm's warm-up.
+
+    EDM keeps an EMA whose half-life, counted in images, is at most `rampup` times the
+    images seen so far (`ema_rampup_ratio`, default 0.05): early in training the average
+    forgets the random initial weights within a few steps instead of holding 0.999^n of
+    them (64 % after 450 steps, 98 % after 23). In steps, with B images per step, that
+    half-life is rampup * step, i.e. beta = 0.5^(1 / (rampup * step)); the paper's
+    `decay` (0.999, a half-life of 693 steps) is the limit: min(decay, beta).
+    The batch size cancels out; it is a parameter so the formula reads as EDM's.
+    rampup None or 0: the constant `decay` (no warm-up)."""
+    if not rampup:
+        return float(decay)
+    halflife_images = float(rampup) * step * expected_batch
+    beta = 0.5 ** (expected_batch / max(halflife_images, 1e-8))
+    return min(float(decay), beta)
+
+
 def update_ema(ema, model, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model (parameters); buffers are copied."""
     import torch
@@ -222,6 +253,21 @@ def _dataset_checksum(data_dir: Path, meta: dict) -> str:
         raise DPDMError(f"{path} has sha256 {digest} but {data_dir / 'meta.json'} records {recorded}: the data "
                         f"changed after it was prepared; run python -m dpdm prepare again for {data_dir}")
     return digest
+
+
+def private_batch(dp, precond, images, labels, indices, k: int, label_dropout: float) -> tuple:
+    """The DP step's per-example inputs (y, label, sigma [B, K], noise [B, K, C, H, W]) for
+    the Poisson batch `indices`: images in [-1, 1], and the loss's randomness drawn per
+    example from the mechanism's secret per-example generators (DPSGD.example_generators),
+    so each example's draws depend only on the secret key, the step and its index."""
+    from dpdm import diffusion
+
+    num_classes = precond.num_classes
+    draw = diffusion.draw_example_noise(precond, dp.example_generators(indices, images.device), k,
+                                        tuple(images.shape[1:]), num_classes, label_dropout, device=images.device)
+    lab = None if labels is None else diffusion.apply_label_dropout(labels.to(images.device), draw.drop,
+                                                                    num_classes)
+    return images, lab, draw.sigma, draw.noise
 
 
 def plan(settings: dict, num_examples: int) -> dict:
@@ -248,7 +294,7 @@ def plan(settings: dict, num_examples: int) -> dict:
 
 
 def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: int | None = None) -> dict:
-    """Train one cell; write model.pt, privacy.json, train_metrics.csv. Returns a summary.
+    """Train one cell; write model.pt, privacy.json, private/train_metrics.csv. Returns a summary.
 
     dp_seed: seed of the Poisson sampling and DP noise (default: $DPDM_DP_SEED if set,
     else secret OS entropy). A known seed makes runs reproducible but not private
@@ -296,10 +342,9 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
                        physical_batch_size=tr.get("physical_batch_size"), grad_chunk_size=tr.get("grad_chunk_size"),
                        dp_seed=dp_seed, device=device, batch_loss_fn=diffusion.examples_loss)
     if not dp.secret_randomness:
-        log.warning("Poisson sampling and DP noise follow a fixed seed (dp_seed / %s): reproducible, but NOT secret",
+        log.warning("Poisson sampling, DP noise and per-example loss randomness follow a fixed seed (dp_seed / %s): "
+                    "reproducible, but NOT secret",
                     privacy.DP_SEED_ENV)
-    draw_gen = torch.Generator(device=device).manual_seed(privacy.derive_seed(seed, "diffusion-noise"))
-    generators = {"diffusion_noise": draw_gen}
     images_t = torch.from_numpy(images)
     labels_t = torch.from_numpy(labels) if num_classes > 0 else None
     records: list[dict] = []
@@ -319,12 +364,12 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
         ema.load_state_dict(ck["ema"])
         optimizer.load_state_dict(ck["optimizer"])
         dp.load_state_dict(ck["dp"])
-        _set_rng_state(ck["rng"], generators)
+        _set_rng_state(ck["rng"])
         records = list(ck["metrics"])
         train_seconds = float(ck["seconds"])
         log.info("resumed from %s at step %d/%d", ckpt_path, dp.steps, planned)
     elif rank == 0:
-        for name in ("privacy.json", "model.pt", "train_metrics.csv"):  # never leave stale results beside a new run
+        for name in ("privacy.json", "model.pt", METRICS_FILE):  # never leave stale results beside a new run
             stale = out_dir / name
             if stale.exists():
                 log.warning("removing %s from an earlier run", stale)
@@ -345,7 +390,7 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
                 "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "dp": dp.state_dict(),  # Poisson-sampling and DP-noise generators, accountant history
-                "rng": _rng_state(generators),
+                "rng": _rng_state(),
                 "metrics": records,
                 "seconds": train_seconds,
             })
@@ -354,8 +399,7 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
             dist.barrier()
 
     stop = StopFlag().install()
-    decay = float(tr["ema_decay"])
-    image_shape = (channels, resolution, resolution)
+    decay, ema_rampup = float(tr["ema_decay"]), tr["ema_rampup"]
     label_dropout = float(tr["label_dropout"])
     log_every, ckpt_every = int(tr["log_every"]), int(tr["checkpoint_every"])
     delta = p["delta"]
@@ -367,12 +411,9 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
             t0 = time.time()
             idx = dp.sample()
             y = data.to_model_range(images_t[idx]).to(device)
-            draw = diffusion.draw_noise(precond, len(idx), k, image_shape, num_classes, label_dropout, draw_gen)
-            lab = None
-            if labels_t is not None:
-                lab = diffusion.apply_label_dropout(labels_t[idx].to(device), draw.drop, num_classes)
-            stats = dp.step(precond, (y, lab, draw.sigma, draw.noise))
-            update_ema(ema, precond, decay)
+            stats = dp.step(precond, private_batch(dp, precond, y, None if labels_t is None else labels_t[idx],
+                                                   idx, k, label_dropout))
+            update_ema(ema, precond, ema_decay_at(dp.steps, q * n, decay, ema_rampup))
             train_seconds += time.time() - t0
             step = dp.steps
             logged = step % log_every == 0 or step == planned
@@ -412,20 +453,24 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     # Outputs: metrics, model, then the ledger (last: marks the cell finished).
     summary = {"steps": dp.steps, "noise_multiplier": sigma, "sample_rate": q}
     if rank == 0:
-        write_metrics_csv(out_dir / "train_metrics.csv", _metrics_rows(records, log_every, planned))
+        write_metrics_csv(out_dir / METRICS_FILE, _metrics_rows(records, log_every, planned))
         spec = {"resolution": resolution, "channels": channels, "num_classes": num_classes}
         diffusion.save_model(out_dir / "model.pt", precond, ema, settings, spec, dp.steps)
         ledger = privacy.privacy_ledger(
             history=dp.history, num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=float(pr["clip"]),
             noise_multiplicity=k, delta=delta, target_eps=p["target_eps"],
             calibration=pr.get("calibration", "tight"), accountant=pr.get("accountant", "rdp"),
-            planned_steps=planned, dataset_sha256=dataset_sha, seed=seed, secret_randomness=dp.secret_randomness,
+            planned_steps=planned, seed=seed, secret_randomness=dp.secret_randomness,
+            choices=pr["choices_on_private_data"],
             provenance=provenance(cell=settings.get("cell"), settings=settings,
-                                  inputs=[data_dir / "train.npz", data_dir / "meta.json"], started=started,
-                                  device=device))
+                                  private_inputs=[data_dir / "train.npz", data_dir / "meta.json"], device=device))
         ledger["per_example_gradients"] = dp.per_example_method  # rows (dpdm.example_grads) or vmap
-        ledger["training_seconds"] = round(train_seconds, 3)
         ledger["world_size"] = world
+        # Timings depend on the realised (secret) batch sizes: private, with the input hashes.
+        save_json(out_dir / PRIVATE_RUN_FILE, {"inputs": {"train.npz": dataset_sha,
+                                                          "meta.json": sha256_file(data_dir / "meta.json")},
+                                               "data_dir": str(data_dir), "training_seconds": round(train_seconds, 3),
+                                               "wall_time_s": round(time.time() - started, 3)})
         save_json(out_dir / "privacy.json", ledger)
         if ckpt_path.exists():
             ckpt_path.unlink()
@@ -439,7 +484,7 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     if distributed:
         dist.barrier()
     summary.update(model=str(out_dir / "model.pt"), privacy=str(out_dir / "privacy.json"),
-                   metrics=str(out_dir / "train_metrics.csv"))
+                   metrics=str(out_dir / METRICS_FILE))
     return summary
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpdm import classifiers
+from dpdm import classifiers, privacy
 from dpdm.artifacts import DPDMError, sha256_file
 from dpdm.config import DEFAULTS_FILE, read_yaml
 from dpdm.privacy import calibrate_sigma, spent_epsilon, steps_for
@@ -219,7 +219,11 @@ def test_dp_baseline_ledger(tmp_path, digit_files):
     assert 0 < led["eps_rdp"] <= 10.0 and led["within_target"]
     assert led["eps_rdp"] == pytest.approx(spent_epsilon(led["noise_multiplier"], q, steps, 1e-4, "rdp"))
     assert led["eps_prv"] is not None and 0 < led["eps_prv"] <= led["eps_rdp"] * 1.01
-    assert led["dataset_sha256"] == sha256_file(data / "train.npz")
+    # no fingerprint of the private training split in the published file; losses and hashes kept private
+    assert sha256_file(data / "train.npz") not in out.read_text() and "train_loss" not in out.read_text()
+    private = json.loads((out.parent / "private" / "logreg.json").read_text())
+    assert private["train_npz_sha256"] == sha256_file(data / "train.npz")
+    assert len(private["curves"]["train_loss"]) == 2 and any("training losses" in c for c in led["not_covered"])
     assert led["accountants"]["rdp"]["version"] and "last epoch" in led["model_selection"]
     assert led["dp_randomness"].startswith("secret")
     assert saved["selection"].startswith("last epoch") and saved["chosen_epoch"] == 2
@@ -227,6 +231,33 @@ def test_dp_baseline_ledger(tmp_path, digit_files):
     assert saved["curves"]["step"] == [steps_for(1, q), steps]
     assert saved["provenance"]["cell"] == settings["cell"]
     assert saved["test_acc"] > 0.3  # learns something even with noise
+
+
+def test_baseline_dropout_masks_are_per_example_so_one_example_moves_the_clipped_sum_by_at_most_c(digits):
+    """The DP-SGD baseline's CNN draws its dropout masks per example from the secret
+    per-example generators (key, step, index): adding x* to a batch, even at its front,
+    leaves every other example's masks and outputs unchanged, and Opacus' clipped sum
+    moves by at most C (with masks drawn by position from one stream it moved by more)."""
+    x, y = digits
+    images, labels = torch.from_numpy(x[:41]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y[:41])
+    clip, star, others = 1e-3, 40, torch.tensor([1, 4, 9, 15, 22, 30, 31])
+
+    def clipped_sum(idx):
+        torch.manual_seed(0)
+        model = classifiers.build_classifier("cnn", 16, 1, 10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, opt, _, key = classifiers.make_private(model, opt, images, labels, 0.5, 0.0, clip, 5, "cpu")
+        model.train()
+        classifiers.private_backward(model, images[idx], labels[idx], idx, key, 3, "cpu")
+        opt.clip_and_accumulate()
+        classifiers.use_example_generators(model, privacy.example_generators(key, 3, idx.tolist()))
+        out = model(classifiers._scale(images[idx]))  # the same masks again: outputs per example
+        return torch.cat([p.summed_grad.reshape(-1) for p in model.parameters()]), out.detach()
+
+    with_x, out_with = clipped_sum(torch.cat([torch.tensor([star]), others]))
+    without, out_without = clipped_sum(others)
+    assert torch.equal(out_with[1:], out_without)  # the other examples' masks did not change
+    assert 0 < float((with_x - without).norm()) <= clip * (1 + 1e-4)
 
 
 def test_dp_baseline_randomness_is_secret_unless_seeded(tmp_path, digit_files, monkeypatch):
@@ -240,10 +271,10 @@ def test_dp_baseline_randomness_is_secret_unless_seeded(tmp_path, digit_files, m
 
     monkeypatch.delenv("DPDM_DP_SEED", raising=False)
     a, b = losses("a"), losses("b")
-    assert a["curves"]["train_loss"] != b["curves"]["train_loss"]
+    assert a["private"]["curves"]["train_loss"] != b["private"]["curves"]["train_loss"]
     monkeypatch.setenv("DPDM_DP_SEED", "7")
     c, d = losses("c"), losses("d")
-    assert c["curves"]["train_loss"] == d["curves"]["train_loss"]
+    assert c["private"]["curves"]["train_loss"] == d["private"]["curves"]["train_loss"]
     assert c["privacy"]["dp_randomness"].startswith("REPRODUCIBLE")
 
 

@@ -429,3 +429,28 @@ def test_celeba_partition_errors(tmp_path):
     p.write_text("000001.jpg 0\n000002.jpg 7\n")
     with pytest.raises(DPDMError, match=":2:"):
         data.read_celeba_partition(p)
+
+
+def test_outputs_respect_the_umask_and_private_files_stay_private(tmp_path):
+    """Results are readable by the group/others the umask allows (shared clusters);
+    files in private folders stay owner-only."""
+    import os
+    import stat
+
+    from dpdm.artifacts import save_json
+
+    old = os.umask(0o022)
+    try:
+        save_json(tmp_path / "results" / "fid_acc.json", {"fid": 1.0})
+        save_json(tmp_path / "results" / "private" / "run.json", {"seconds": 1.0})
+        os.umask(0o077)
+        save_json(tmp_path / "results" / "strict.json", {"fid": 1.0})
+    finally:
+        os.umask(old)
+
+    def mode(p):
+        return stat.S_IMODE((tmp_path / "results" / p).stat().st_mode)
+
+    assert mode("fid_acc.json") == 0o644
+    assert mode("private/run.json") == 0o600
+    assert mode("strict.json") == 0o600

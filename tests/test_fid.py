@@ -77,6 +77,22 @@ def test_frechet_general_covariances():
     assert fid.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
 
 
+def test_frechet_equals_pytorch_fids_sqrtm_formula():
+    """The eigen-decomposition trace equals pytorch-fid's scipy sqrtm of S1 S2, also for
+    rank-deficient sample covariances (fewer samples than dimensions) and big dimensions."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(4)
+    for d, n1, n2 in ((6, 50, 40), (64, 30, 200), (256, 300, 120)):
+        x, y = rng.normal(size=(n1, d)) @ rng.normal(size=(d, d)), rng.normal(size=(n2, d)) + 0.3
+        mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+        covmean = linalg.sqrtm(s1 @ s2).real
+        expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+        assert fid.frechet_distance(mu1, s1, mu2, s2, sqrt_sigma1=fid.psd_sqrt(s1)) == \
+            pytest.approx(fid.frechet_distance(mu1, s1, mu2, s2), rel=1e-12)
+
+
 def test_frechet_singular_covariances_handled():
     # Rank-deficient covariances (fewer samples than dimensions), as with small sample sets.
     rng = np.random.default_rng(3)
@@ -274,11 +290,27 @@ def test_untrained_end_to_end(tmp_path, caplog, monkeypatch):
     assert res["num_samples"] == 5
     assert res["test_only"] is True and "NOT an FID" in res["warning"]
     assert res["extractor"]["name"] == "untrained" and res["extractor"]["test_only"] is True
-    assert res["reference"] == {"path": str(ref), "split": "train", "n": 6,
-                                "source_sha256": sha256_file(data / "train.npz")}
+    assert res["reference"] == {"path": str(ref), "split": "train", "n": 6, "fid": res["fid"],
+                                "covered_by_dp": False}
+    assert res["covered_by_dp"] is False and "not post-processing" in res["not_covered"]
     assert res["provenance"]["cell"] == settings["cell"]
     assert res["provenance"]["settings"] == settings
-    assert set(res["provenance"]["inputs"]) == {str(samples), str(ref)}
+    # the training split's statistics are private: named, never hashed in a published file
+    assert set(res["provenance"]["inputs"]) == {str(samples)}
+    assert res["provenance"]["private_inputs"] == [str(ref)]
+    assert sha256_file(ref) not in out.read_text() and sha256_file(data / "train.npz") not in out.read_text()
+
+    # two references (train, then test): one pass over the samples, both values, the first is the headline
+    _write_split(data / "test.npz", _images(6, seed=10))
+    ref_test = tmp_path / "fid_test.npz"
+    fid.compute_reference(data, "test", ref_test, extractor="untrained", batch_size=6, device="cpu")
+    both = fid.compute_fid(samples, [ref, ref_test], tmp_path / "fid_both.json", extractor="untrained",
+                           num_samples=5, batch_size=5, device="cpu")
+    assert both["fid"] == both["fids"]["train"] == pytest.approx(res["fid"])
+    assert both["fids"]["test"] > 0 and [r["covered_by_dp"] for r in both["references"]] == [False, True]
+    assert set(both["provenance"]["inputs"]) == {str(samples), str(ref_test)}
+    with pytest.raises(DPDMError, match="same split"):
+        fid.compute_fid(samples, [ref, ref], tmp_path / "x.json", extractor="untrained", device="cpu")
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
 
     with pytest.raises(DPDMError, match="holds only 6"):

@@ -505,7 +505,7 @@ def test_ledger_recomputes_epsilon_from_steps_taken():
     ledger = privacy.privacy_ledger(
         history=dp.history, num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=1.0, noise_multiplicity=4,
         delta=delta, target_eps=5.0, calibration="tight", accountant="rdp", planned_steps=100,
-        dataset_sha256="ab" * 32, seed=0, provenance={"x": 1})
+        seed=0, provenance={"x": 1}, choices=["lr tuned on the training loss"])
     assert ledger["steps"] == 30 and ledger["planned_steps"] == 100
     assert ledger["epochs"] == pytest.approx(30 * q)
     assert ledger["expected_batch_size"] == pytest.approx(100.0)
@@ -516,8 +516,16 @@ def test_ledger_recomputes_epsilon_from_steps_taken():
     assert ledger["within_target"] is (ledger["eps_rdp"] <= 5.0)
     assert ledger["noise_std"] == pytest.approx(1.1)
     for key in ("num_examples", "sample_rate", "noise_multiplier", "clip", "noise_multiplicity", "delta",
-                "target_eps", "calibration", "accountants", "dataset_sha256", "seed", "provenance", "history"):
+                "target_eps", "calibration", "accountants", "seed", "provenance", "history", "neighbouring",
+                "covers", "not_covered"):
         assert key in ledger
+    # no fingerprint of the private data; what is and is not covered, and choices made on non-covered numbers
+    assert not any("sha256" in key for key in ledger)
+    assert "N" in ledger["neighbouring"] and "public" in ledger["neighbouring"]
+    assert any("model.pt" in c for c in ledger["covers"]) and any("TEST split" in c for c in ledger["covers"])
+    assert any("TRAINING split" in c for c in ledger["not_covered"])
+    assert any("train_metrics" in c for c in ledger["not_covered"])
+    assert ledger["choices_on_private_data"] == ["lr tuned on the training loss"]
     assert ledger["accountants"]["rdp"]["version"]
     assert ledger["dp_randomness"].startswith("secret")
     # the cached RDP path is exactly Opacus' RDPAccountant, also for a multi-segment history
@@ -530,4 +538,82 @@ def test_ledger_recomputes_epsilon_from_steps_taken():
         privacy.privacy_ledger(
             history=dp.history, num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=1.0,
             noise_multiplicity=4, delta=1e-3, target_eps=5.0, calibration="tight", accountant="rdp",
-            planned_steps=100, dataset_sha256=None, seed=0, provenance=None)
+            planned_steps=100, seed=0, provenance=None)
+
+
+# ----------------------------------------------------------------------------
+# The loss's own randomness (noise levels, noise, label dropout) is part of the mechanism.
+
+
+def _digits_like_precond(num_classes=10):
+    from dpdm import diffusion
+
+    settings = {
+        "model": {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+        "diffusion": {"precond": "edm", "sigma_data": 0.5773502691896258, "p_mean": -1.2, "p_std": 1.2},
+    }
+    torch.manual_seed(0)
+    return diffusion.build_precond(settings, 8, 1, num_classes)
+
+
+def test_adding_one_example_changes_the_clipped_sum_by_at_most_c_now_and_nothing_later():
+    """The sensitivity premise of the accountant, on the real training inputs: with the
+    secret per-example draws (train.private_batch), adding x* to a batch (even at its
+    front) leaves every other example's noise levels, noise and label dropout as they
+    were, so the clipped sum moves by x*'s clipped gradient alone (<= C); and a later
+    step's batch draws exactly as it would have without x*. (With draws handed out by
+    position from one stream, the sums moved by 1.27 C and 6.06.)"""
+    from dpdm import diffusion, train
+
+    precond = _digits_like_precond()
+    n, clip, k = 40, 0.05, 3  # a small C: every gradient is clipped, so any shifted draw shows
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(n + 1, 1, 8, 8, generator=g) * 2 - 1  # index n is x*
+    labels = torch.randint(0, 10, (n + 1,), generator=g)
+
+    def world():
+        return privacy.DPSGD(diffusion.example_loss, noise_multiplier=1.0, max_grad_norm=clip, num_examples=n + 1,
+                             sample_rate=0.2, dp_seed=11, batch_loss_fn=diffusion.examples_loss)
+
+    def inputs(dp, idx):
+        idx = torch.as_tensor(idx)
+        return train.private_batch(dp, precond, images[idx], labels[idx], idx, k, 0.5)
+
+    others = [2, 5, 9, 17, 30, 33]
+    with_x, without = world(), world()
+    a = inputs(with_x, [n] + others)  # x* first: positional draws would shift every other example
+    b = inputs(without, others)
+    for t_a, t_b in zip(a[1:], b[1:]):
+        assert torch.equal(t_a[1:], t_b), "the other examples' draws changed when x* joined the batch"
+    s_a, norms_a, _ = privacy.clipped_grad_sum(precond, diffusion.example_loss, a, clip)
+    s_b, norms_b, _ = privacy.clipped_grad_sum(precond, diffusion.example_loss, b, clip)
+    assert (norms_a > clip).all()
+    diff = torch.cat([(s_a[name] - s_b[name]).reshape(-1) for name in s_a]).norm()
+    assert 0 < diff <= clip * (1 + 1e-4)
+    # the next step, x* not sampled: identical draws, identical clipped sums
+    for dp in (with_x, without):
+        dp.steps += 1
+    later = [1, 5, 6, 22]
+    c, d = inputs(with_x, later), inputs(without, later)
+    for t_c, t_d in zip(c, d):
+        assert torch.equal(t_c, t_d)
+
+
+def test_per_example_draws_are_secret_unless_seeded_and_survive_resume():
+    from dpdm import diffusion
+
+    def dp(seed=None):
+        return privacy.DPSGD(diffusion.example_loss, noise_multiplier=1.0, max_grad_norm=1.0, num_examples=10,
+                             sample_rate=0.5, dp_seed=seed)
+
+    assert dp().example_key != dp().example_key  # OS entropy, never the public cell seed
+    assert dp(5).example_key == dp(5).example_key != dp(6).example_key
+    a, b = dp(), dp()
+    b.load_state_dict(a.state_dict())  # the key lives in the (private) checkpoint
+    assert a.example_key == b.example_key
+    idx = torch.tensor([0, 3])
+    assert [g.initial_seed() for g in a.example_generators(idx)] == [g.initial_seed() for g in b.example_generators(idx)]
+    # keyed by (step, index): another step or another index gives another stream
+    seeds = privacy.example_seeds(123, 0, [0, 1])
+    assert len(set(seeds + privacy.example_seeds(123, 1, [0]) + privacy.example_seeds(124, 0, [0]))) == 4
+    assert all(0 <= s < 2 ** 63 for s in seeds)

@@ -201,8 +201,9 @@ def test_generate_end_to_end(tmp_path):
     images, labels = read(out)
     assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
     assert labels.dtype == np.int64 and labels.shape == (6,) and labels.min() >= 0 and labels.max() < 3
-    with Image.open(grid) as im:
-        assert im.size == (16, 16) and im.mode == "L"
+    with Image.open(grid) as im:  # 2 x 2 images of 8 px with 1 px grey borders
+        assert im.size == (19, 19) and im.mode == "L"
+        assert np.asarray(im)[0].tolist() == [128] * 19
     # Deterministic: same cell seed and sampler -> identical file contents.
     out2 = tmp_path / "again.npz"
     generate(settings, model, "fast", out2)
@@ -241,3 +242,13 @@ def test_generate_errors(tmp_path):
     with pytest.raises(DPDMError, match="labels"):
         generate(bad, model, "custom", tmp_path / "x.npz", num_samples=1)
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_grid_shows_one_row_per_class():
+    from dpdm.sampling import grid_order
+
+    labels = np.array([2, 0, 1, 0, 2, 2, 1, 0])
+    assert grid_order(labels, 2).tolist() == [1, 3, 2, 6]  # rows: class 0, class 1 (at most grid_size rows)
+    assert grid_order(labels, 3).tolist() == [1, 3, 7, 2, 6, -1, 0, 4, 5]
+    assert grid_order(np.array([1, 0]), 3).tolist() == [1, -1, -1, 0, -1, -1]  # short classes leave gaps
+    assert grid_order(np.full(20, -1), 3).tolist() == list(range(9))  # unconditional: the first 9

@@ -57,7 +57,7 @@ def _state(out: Path) -> dict:
 
 
 def _metrics(out: Path) -> list[dict]:
-    with open(out / "train_metrics.csv") as f:
+    with open(out / train.METRICS_FILE) as f:
         return list(csv.DictReader(f))
 
 
@@ -108,7 +108,7 @@ def test_resume_after_signal_and_crash_is_exact(tmp_path, digits_dir, monkeypatc
     assert e.value.code == train.EXIT_CHECKPOINTED == 75
     ckpt = out / "checkpoints" / "checkpoint.pt"
     assert ckpt.exists()
-    assert not any((out / f).exists() for f in ("model.pt", "privacy.json", "train_metrics.csv"))
+    assert not any((out / f).exists() for f in ("model.pt", "privacy.json", train.METRICS_FILE))
     assert torch.load(ckpt, weights_only=True)["step"] == 3
     assert not isinstance(signal.getsignal(signal.SIGUSR1), train.StopFlag)  # handlers restored
     with monkeypatch.context() as m:
@@ -138,6 +138,20 @@ def test_resume_after_signal_and_crash_is_exact(tmp_path, digits_dir, monkeypatc
     assert [r["step"] for r in mb] == ["1", "2", "3", "4", "5", "6"]
     for ra, rb in zip(ma, mb):
         assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
+
+
+def test_ctrl_c_checkpoints_like_sigterm(tmp_path, digits_dir, monkeypatch):
+    """Ctrl-C (SIGINT) finishes the step, checkpoints and exits 75; the rerun resumes."""
+    settings = tiny_settings(max_steps=3)
+    out = tmp_path / "cell"
+    with monkeypatch.context() as m:
+        _signal_after(m, 2, signal.SIGINT)
+        with pytest.raises(SystemExit) as e:
+            train.train(settings, digits_dir, out, dp_seed=7)
+    assert e.value.code == train.EXIT_CHECKPOINTED
+    assert torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert train.train(settings, digits_dir, out, dp_seed=7)["steps"] == 3
 
 
 def test_checkpoint_from_a_different_config_is_refused(tmp_path, digits_dir, monkeypatch):
@@ -235,7 +249,11 @@ def test_cli_train_outputs_and_sigterm(tmp_path, digits_dir):
     assert ledger["eps_prv"] is not None and ledger["eps_prv"] <= ledger["eps_rdp"]
     assert ledger["noise_multiplicity"] == 2 and ledger["clip"] == 1.0 and ledger["seed"] == 0
     meta = json.loads((digits_dir / "meta.json").read_text())
-    assert ledger["dataset_sha256"] == meta["npz_sha256"]["train.npz"]
+    # the published ledger holds no fingerprint of the training data; the private run record does
+    assert meta["npz_sha256"]["train.npz"] not in (out / "privacy.json").read_text()
+    assert "sha256" not in json.dumps(ledger["provenance"])
+    run = json.loads((out / train.PRIVATE_RUN_FILE).read_text())
+    assert run["inputs"]["train.npz"] == meta["npz_sha256"]["train.npz"] and run["training_seconds"] > 0
     assert ledger["calibration"]["method"] == "tight" and ledger["accountants"]["prv"]["version"]
     assert ledger["provenance"]["cell"]["dataset"] == "digits"
     assert ledger["dp_randomness"].startswith("secret")  # no DPDM_DP_SEED: resumed from the checkpoint's state
@@ -249,3 +267,30 @@ def test_cli_train_outputs_and_sigterm(tmp_path, digits_dir):
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
     assert float(rows[-1]["eps_rdp"]) == pytest.approx(ledger["eps_rdp"], rel=1e-5)
     assert all(float(a["eps_rdp"]) < float(b["eps_rdp"]) for a, b in zip(rows, rows[1:]))
+
+
+def test_ema_warms_up_so_a_short_run_samples_trained_weights(tmp_path, digits_dir):
+    """With the paper's constant 0.999 a run of n steps keeps 0.999^n of the random initial
+    weights in the EMA (98 % after 20 steps): short runs sampled noise. NVlabs/edm's ramp-up
+    (half-life <= ema_rampup x images seen) makes the EMA follow the trained weights early,
+    and reaches the paper's decay as the limit."""
+    assert train.ema_decay_at(1, 64, 0.999, 0.05) < 1e-5  # half-life 0.05 steps: the EMA is the weights
+    assert train.ema_decay_at(100, 64, 0.999, 0.05) == pytest.approx(0.5 ** (1 / 5))
+    assert train.ema_decay_at(10 ** 6, 64, 0.999, 0.05) == 0.999  # the paper's value is the limit
+    assert train.ema_decay_at(5, 64, 0.999, None) == train.ema_decay_at(5, 64, 0.999, 0) == 0.999
+    steps = [train.ema_decay_at(t, 4096, 0.999, 0.05) for t in range(1, 20000, 97)]
+    assert all(a <= b for a, b in zip(steps, steps[1:]))  # monotone ramp
+
+    settings = tiny_settings(max_steps=20, ema_decay=0.999, ema_rampup=0.05)
+    torch.manual_seed(settings["cell"]["seed"])
+    from dpdm import diffusion
+
+    init = diffusion.build_precond(settings, 16, 1, 10).state_dict()  # train's initial weights (same seed)
+    train.train(settings, digits_dir, tmp_path / "cell", dp_seed=3)
+    state = _state(tmp_path / "cell")
+
+    def moved(weights):
+        return sum(float((weights[k] - init[k]).norm()) for k in init if init[k].is_floating_point())
+
+    # the EMA has left the initialisation nearly as far as the raw weights (constant 0.999: about 2 %)
+    assert moved(state["ema"]) > 0.5 * moved(state["model"])
