@@ -80,6 +80,7 @@ def cmd_fid_ref(args):
         weights_path=cfg.env_or(args.weights, "DPDM_FID_WEIGHTS"),
         batch_size=args.batch_size,
         device=args.device,
+        num_images=args.num_images,
     )
 
 
@@ -89,7 +90,7 @@ def cmd_fid(args):
 
     fid.compute_fid(
         samples_path=Path(args.samples),
-        ref_path=Path(args.ref),
+        ref_path=[Path(r) for r in args.ref],
         out_path=Path(args.out),
         extractor=args.extractor,
         weights_path=cfg.env_or(args.weights, "DPDM_FID_WEIGHTS"),
@@ -128,6 +129,19 @@ def cmd_classify(args):
                          classifier=args.classifier, out_path=Path(args.out))
 
 
+def cmd_judge_fit(args):
+    from dpdm import classifiers
+
+    classifiers.fit_judge(Path(args.data), args.classifier, args.epochs, Path(args.out))
+
+
+def cmd_judge(args):
+    from dpdm import classifiers
+
+    classifiers.judge_samples(_settings(args), judge_path=Path(args.judge), samples_path=Path(args.samples),
+                              out_path=Path(args.out))
+
+
 def cmd_baseline(args):
     from dpdm import classifiers
 
@@ -138,7 +152,7 @@ def cmd_baseline(args):
 def cmd_report(args):
     from dpdm import report
 
-    report.build_report([Path(p) for p in args.inputs], out_dir=Path(args.out))
+    report.build_report([Path(p) for p in args.inputs], out_dir=Path(args.out), loss_curves=args.loss_curves)
 
 
 def cmd_report_ablation(args):
@@ -153,7 +167,15 @@ def cmd_bench(args):
     bench.main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def args_bench(p: argparse.ArgumentParser) -> None:
+    """bench's options (defined in dpdm.bench, which imports torch): only `bench` builds them."""
+    from dpdm.bench import add_arguments
+
+    add_arguments(p)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; `command` (the one being run; None: all) skips other commands' heavy options."""
     parser = argparse.ArgumentParser(prog="python -m dpdm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder, e.g. data/mnist")
     p.add_argument("--raw-dir", help="folder of raw files (env DPDM_RAW_DIR overrides)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing raw files")
-    p.add_argument("--digits-size", type=int, default=28, choices=[16, 28])
+    p.add_argument("--digits-size", type=int, default=28, choices=[8, 16, 28])
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("fetch-weights", help="download pytorch-fid's Inception weights (needs the internet)")
@@ -180,13 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fid-ref", help="Inception statistics of a real split")
     p.add_argument("--data", required=True, help="prepared dataset folder, e.g. data/mnist")
     p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--num-images", type=int, help="use the split's first N images (default: all)")
     p.add_argument("--out", required=True)
     add_fid_args(p)
     p.set_defaults(func=cmd_fid_ref)
 
     p = sub.add_parser("fid", help="FID of a samples .npz against reference statistics")
     p.add_argument("--samples", required=True)
-    p.add_argument("--ref", required=True)
+    p.add_argument("--ref", required=True, action="append",
+                   help="reference statistics (fid-ref); repeat for several splits, the first is the headline FID")
     p.add_argument("--out", required=True)
     p.add_argument("--num-samples", type=int, help="use the first N samples (default: all)")
     p.add_argument("--settings", help="cell settings to record in the result (JSON string or file)")
@@ -218,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_classify)
 
+    p = sub.add_parser("judge-fit", help="train the judge: a classifier on the REAL training split (private)")
+    p.add_argument("--data", required=True, help="prepared dataset folder, e.g. data/mnist")
+    p.add_argument("--classifier", default="cnn", choices=["logreg", "mlp", "cnn"])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--out", required=True, help="judge file, e.g. data/mnist/judge_cnn.pt (private)")
+    p.set_defaults(func=cmd_judge_fit)
+
+    p = sub.add_parser("judge", help="the judge's accuracy on class-conditional samples (not covered by DP)")
+    _add_settings_args(p)
+    p.add_argument("--judge", required=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_judge)
+
     p = sub.add_parser("baseline", help="DP-SGD classifier trained on real data (paper Table 2)")
     _add_settings_args(p)
     p.add_argument("--data", required=True)
@@ -227,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="result JSONs -> LaTeX/CSV tables and figures")
     p.add_argument("--out", required=True, help="results folder: writes OUT/tables and OUT/figures")
-    p.add_argument("inputs", nargs="+", help="privacy.json, train_metrics.csv, fid_*.json, classify_*.json, baseline JSONs")
+    p.add_argument("--loss-curves", action="store_true",
+                   help="opt in to figures/loss_curves from the cells' private/train_metrics.csv (training losses "
+                        "are NOT covered by the DP guarantee; config report.loss_curves)")
+    p.add_argument("inputs", nargs="+", help="privacy.json, fid_*.json, classify_*.json, baseline JSONs "
+                                             "(and private/train_metrics.csv with --loss-curves)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("report-ablation", help="one ablation's table and figure (paper Tables 3, 5, 6)")
@@ -236,15 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report_ablation)
 
     p = sub.add_parser("bench", help="DP-SGD step vs non-private and hook-based steps; sampling; FID features")
-    from dpdm.bench import add_arguments
-
-    add_arguments(p)
+    if command in (None, "bench"):
+        args_bench(p)
     p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # -v is the only global option
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     keep_freed_memory()

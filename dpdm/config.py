@@ -192,6 +192,13 @@ def iter_cells(config: dict) -> list[tuple[str, float, int]]:
     return cells
 
 
+def fid_splits(config: dict) -> list[str]:
+    """The real splits FID is computed against (config fid.reference_split: one name or a
+    list); the first is the headline FID of the tables."""
+    splits = config["fid"]["reference_split"]
+    return [splits] if isinstance(splits, str) else list(splits)
+
+
 def env_or(config_value: Any, env_name: str) -> Any:
     """An environment variable overrides a config path (DPDM_RAW_DIR, DPDM_FID_WEIGHTS)."""
     return os.environ.get(env_name) or config_value
@@ -335,6 +342,7 @@ def plan_grid(config: dict) -> Grid:
             "title": abl.get("title") or name.replace("_", " "),
             "vary": abl.get("vary"),
             "classifiers": used_classifiers,
+            "fid": bool(config["fid"]["enabled"]),
             "rows": rows,
         }
     return Grid(cells, ablations)

@@ -41,12 +41,13 @@ PRETTY_CLASSIFIER = {"logreg": "Log Reg", "mlp": "MLP", "cnn": "CNN"}
 CLASSIFIERS = ["logreg", "mlp", "cnn"]
 UNTRAINED_NOTE = "FID from an UNTRAINED extractor (test-only mode): not comparable to the paper"
 
-_CELL = r"(?P<dataset>[a-z0-9_]+)/eps(?P<eps>[0-9.e+-]+)/seed(?P<seed>[0-9]+)"
+_CELL = r"(?P<dataset>[a-z0-9_]+)/eps(?P<eps>[0-9.e+-]+)/(?:(?P<variant>[A-Za-z0-9.-]+)/)?seed(?P<seed>[0-9]+)"
 PATTERNS = {
     "privacy": re.compile(_CELL + r"/privacy\.json$"),
-    "metrics": re.compile(_CELL + r"/train_metrics\.csv$"),
+    "metrics": re.compile(_CELL + r"/private/train_metrics\.csv$"),
     "fid": re.compile(_CELL + r"/fid_(?P<sampler>[A-Za-z0-9-]+)\.json$"),
     "classify": re.compile(_CELL + r"/classify_(?P<sampler>[A-Za-z0-9-]+)_(?P<classifier>logreg|mlp|cnn)\.json$"),
+    "judge": re.compile(_CELL + r"/judge_(?P<sampler>[A-Za-z0-9-]+)\.json$"),
     "baseline": re.compile(
         r"(?P<dataset>[a-z0-9_]+)/baseline/eps(?P<eps>[0-9.e+-]+)/seed(?P<seed>[0-9]+)/(?P<classifier>logreg|mlp|cnn)\.json$"
     ),
@@ -59,7 +60,7 @@ PATTERNS = {
 
 def _classify_path(path: Path) -> tuple[str, dict] | None:
     text = path.as_posix()
-    for kind in ("baseline", "privacy", "metrics", "fid", "classify"):
+    for kind in ("baseline", "privacy", "metrics", "fid", "classify", "judge"):
         m = PATTERNS[kind].search(text)
         if m:
             info = m.groupdict()
@@ -69,7 +70,13 @@ def _classify_path(path: Path) -> tuple[str, dict] | None:
     return None
 
 
-def collect(paths: list[Path]) -> dict[str, pd.DataFrame]:
+def _tuned_on(data: dict, sampler: str) -> str:
+    """The sampler's `tuned_on` flag (a non-covered number its settings were chosen by), from a result's settings."""
+    settings = (data.get("provenance") or {}).get("settings") or {}
+    return ((settings.get("samplers") or {}).get(sampler) or {}).get("tuned_on") or ""
+
+
+def collect(paths: list[Path], loss_curves: bool = False) -> dict[str, pd.DataFrame]:
     """Read every result file into one tidy DataFrame per kind."""
     rows: dict[str, list[dict]] = {k: [] for k in PATTERNS}
     for path in paths:
@@ -78,7 +85,13 @@ def collect(paths: list[Path]) -> dict[str, pd.DataFrame]:
             log.warning("ignoring %s: not a result file this report knows", path)
             continue
         kind, info = found
+        if "variant" in PATTERNS[kind].groupindex:
+            info["variant"] = info.get("variant") or ""
         if kind == "metrics":
+            if not loss_curves:
+                raise DPDMError(f"{path}: training losses are computed on private data without noise and are not "
+                                "covered by the DP guarantee; they enter the report only with the opt-in config key "
+                                "report.loss_curves: true (python -m dpdm report --loss-curves)")
             df = pd.read_csv(path)
             for k, v in info.items():
                 df[k] = v
@@ -90,15 +103,27 @@ def collect(paths: list[Path]) -> dict[str, pd.DataFrame]:
                 sigma=data["noise_multiplier"], q=data["sample_rate"], steps=data["steps"], K=data["noise_multiplicity"],
                 C=data["clip"], delta=data["delta"], target_eps=data["target_eps"],
                 eps_rdp=data["eps_rdp"], eps_prv=data["eps_prv"], N=data["num_examples"],
-                expected_batch=data["expected_batch_size"], epochs=data["epochs"],
+                expected_batch=data["expected_batch_size"], epochs=data["epochs"], history=data["history"],
+                choices="; ".join(data.get("choices_on_private_data") or []),
             )
         elif kind == "fid":
+            fids = data.get("fids") or {(data.get("reference") or {}).get("split", "train"): data["fid"]}
             info.update(fid=data["fid"], test_only=bool(data.get("test_only", False)),
-                        extractor=data.get("extractor"), path=str(Path(path).parent))
+                        extractor=data.get("extractor"), path=str(Path(path).parent),
+                        tuned_on=_tuned_on(data, info["sampler"]),
+                        **{f"fid_{split}": value for split, value in fids.items()})
+        elif kind == "judge":
+            info.update(judge=100.0 * data["judge_acc"], judge_real=100.0 * data["judge"]["real_test_acc"])
         elif kind in ("classify", "baseline"):
-            info.update(acc=100.0 * data["test_acc"])
+            info.update(acc=100.0 * data["test_acc"], path=str(Path(path).parent))
+            if kind == "classify":
+                info.update(val_acc=100.0 * data["val_acc"], tuned_on=_tuned_on(data, info["sampler"]))
             if kind == "baseline":
-                info.update(eps_rdp=data["privacy"]["eps_rdp"], eps_prv=data["privacy"]["eps_prv"])
+                led = data["privacy"]
+                info.update(eps_rdp=led["eps_rdp"], eps_prv=led["eps_prv"], sigma=led["noise_multiplier"],
+                            q=led["sample_rate"], steps=led["steps"], K=1, C=led["clip"], delta=led["delta"],
+                            target_eps=led["target_eps"], N=led["num_examples"], history=led["history"],
+                            choices="; ".join(led.get("choices_on_private_data") or []))
         rows[kind].append(info)
     out = {}
     for kind, r in rows.items():
@@ -107,6 +132,11 @@ def collect(paths: list[Path]) -> dict[str, pd.DataFrame]:
         else:
             out[kind] = pd.DataFrame(r)
     return out
+
+
+def main_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the main grid (not an ablation's own models)."""
+    return df[df["variant"] == ""] if len(df) and "variant" in df else df
 
 
 # ----------------------------------------------------------------------------
@@ -172,50 +202,117 @@ def _escape(text: str) -> str:
 # Tables.
 
 
+NOT_COVERED_MARK = "\\dag"  # LaTeX; CSV columns say covered_by_dp instead
+TUNED_MARK = "\\ddag"
+NOT_COVERED_NOTE = ("$^\\dag$ FID against the training split is a statistic of the private data, not covered by the "
+                    "DP guarantee (the paper's protocol)")
+TUNED_NOTE = "$^\\ddag$ sampler settings chosen by a number the DP guarantee does not cover (see tables/privacy.csv)"
+
+
+def _fid_splits(fid: pd.DataFrame) -> list[str]:
+    """The FID reference splits present, headline (train, the paper's) first."""
+    splits = [c[len("fid_"):] for c in fid.columns if c.startswith("fid_") and c != "fid_test_only"]
+    return sorted(splits, key=lambda split: (split != "train", split))
+
+
+def _fid_column(split: str, untrained: bool) -> str:
+    name = f"FID ({split})" + (f"$^{NOT_COVERED_MARK}$" if split == "train" else "")
+    return name + (" untrained, TEST ONLY" if untrained else "")
+
+
+def _fid_captions(splits: list[str], untrained: bool, tuned: bool) -> str:
+    notes = []
+    if "train" in splits:
+        notes.append(NOT_COVERED_NOTE)
+    if tuned:
+        notes.append(TUNED_NOTE)
+    if untrained:
+        notes.append(UNTRAINED_NOTE)
+    return "".join(" " + n + "." for n in notes)
+
+
+NOT_COMPUTED = "not computed"
+
+
 def table1(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
-    """Table 1: FID and Log Reg / MLP / CNN accuracy per (dataset, eps, sampler)."""
-    fid, clf = res["fid"], res["classify"]
-    fid = fid[fid["dataset"].isin(clf["dataset"].unique())] if len(clf) else fid.iloc[0:0]
+    """Table 1: FID (per reference split) and Log Reg / MLP / CNN accuracy per (dataset, eps, sampler).
+    Without FID results (config fid.enabled: false) the FID column says "not computed"."""
+    fid, clf, judge = main_cells(res["fid"]), main_cells(res["classify"]), main_cells(res["judge"])
+    fid = fid[fid["dataset"].isin(clf["dataset"].unique())] if len(clf) and len(fid) else fid.iloc[0:0]
     untrained = bool(len(fid) and fid["test_only"].any())
-    fid_col = "FID (untrained, TEST ONLY)" if untrained else "FID"
+    splits = _fid_splits(fid)
+    tuned = bool(len(clf) and (clf["tuned_on"] != "").any())
+    keys = ["dataset", "eps", "sampler"]
+    cells = pd.concat([f[keys] for f in (fid, clf) if len(f)]).drop_duplicates().sort_values(keys) \
+        if len(clf) else clf
     tidy_rows, wide_rows = [], {}
-    for (ds, eps, sampler), g in fid.groupby(["dataset", "eps", "sampler"], sort=True):
-        m, s, n = _mean_std(g["fid"], 1)
-        tidy = dict(dataset=ds, eps=eps, sampler=sampler, fid_mean=m, fid_std=s, seeds=n, fid_test_only=untrained)
-        row_key = (_latex_eps(eps), _escape(sampler))
-        wide_rows.setdefault(row_key, {})[(PRETTY_DATASET.get(ds, ds), fid_col)] = _fmt(m, s, n, 1, True)
+    for ds, eps, sampler in cells.itertuples(index=False):
+        g = fid[(fid["dataset"] == ds) & (fid["eps"] == eps) & (fid["sampler"] == sampler)] if len(fid) else fid
+        ours = clf[(clf["dataset"] == ds) & (clf["eps"] == eps) & (clf["sampler"] == sampler)]
+        flag = ours["tuned_on"].iloc[0] if len(ours) else g["tuned_on"].iloc[0]
+        tidy = dict(dataset=ds, eps=eps, sampler=sampler, sampler_tuned_on=flag)
+        label = _escape(sampler) + (f"$^{TUNED_MARK}$" if flag else "")
+        row_key = (_latex_eps(eps), label)
+        wide = wide_rows.setdefault(row_key, {})
+        if not splits:
+            tidy.update(fid_mean=np.nan, fid_std=np.nan, fid_status=NOT_COMPUTED)
+            wide[(PRETTY_DATASET.get(ds, ds), "FID")] = NOT_COMPUTED
+        for split in splits:
+            m, s_, n = _mean_std(g[f"fid_{split}"], 1) if len(g) else (np.nan, np.nan, 0)
+            tidy.update({f"fid_{split}_mean": m, f"fid_{split}_std": s_,
+                         f"fid_{split}_covered_by_dp": split != "train"})
+            wide[(PRETTY_DATASET.get(ds, ds), _fid_column(split, untrained))] = _fmt(m, s_, n, 1, True)
+        if splits:
+            tidy.update(fid_mean=tidy[f"fid_{splits[0]}_mean"], fid_std=tidy[f"fid_{splits[0]}_std"],
+                        fid_status="computed" if len(g) else NOT_COMPUTED)
+        tidy.update(seeds=int(ours["seed"].nunique()) if len(ours) else len(g), fid_test_only=untrained)
+        if len(judge):
+            j = judge[(judge["dataset"] == ds) & (judge["eps"] == eps) & (judge["sampler"] == sampler)]
+            jm, js, jn = _mean_std(j["judge"], 1)
+            tidy.update(judge_mean=jm, judge_std=js, judge_covered_by_dp=False)
+            wide[(PRETTY_DATASET.get(ds, ds), f"Judge$^{NOT_COVERED_MARK}$ (\\%)")] = _fmt(jm, js, jn, 1, True)
         for c in CLASSIFIERS:
             sel = clf[(clf["dataset"] == ds) & (clf["eps"] == eps) & (clf["sampler"] == sampler) & (clf["classifier"] == c)] if len(clf) else clf
             cm, cs, cn = _mean_std(sel["acc"], 1) if len(sel) else (np.nan, np.nan, 0)
             tidy[f"{c}_mean"], tidy[f"{c}_std"] = cm, cs
-            wide_rows[row_key][(PRETTY_DATASET.get(ds, ds), PRETTY_CLASSIFIER[c] + r" (\%)")] = _fmt(cm, cs, cn, 1, True)
+            wide[(PRETTY_DATASET.get(ds, ds), PRETTY_CLASSIFIER[c] + r" (\%)")] = _fmt(cm, cs, cn, 1, True)
         tidy_rows.append(tidy)
     wide = pd.DataFrame.from_dict(wide_rows, orient="index")
     wide.index = pd.MultiIndex.from_tuples(wide.index, names=["", "sampler"])
     wide.columns = pd.MultiIndex.from_tuples(wide.columns)
-    caption = "Class-conditional DP image generation: FID and accuracy of classifiers trained on 60k samples, tested on real data."
-    if untrained:
-        caption += " " + UNTRAINED_NOTE + "."
+    caption = ("Class-conditional DP image generation: FID and accuracy on the real test set of classifiers trained "
+               "on the samples (see the samples' count in each classify result).")
+    caption += _fid_captions(splits, untrained, tuned)
+    if len(judge):
+        caption += (f" Judge: accuracy of a classifier trained on the real training split on the samples' classes "
+                    f"(the judge scores {judge['judge_real'].mean():.1f}\\% on real test images); "
+                    "$^\\dag$ not covered by the DP guarantee.")
+    if not splits:
+        caption += " FID was not computed (config fid.enabled: false)."
     write_table(wide.fillna("--"), pd.DataFrame(tidy_rows), out_dir, "table1", caption)
 
 
 def table2(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
-    """Table 2: DP-SGD classifiers trained on real data vs. classifiers trained on our samples."""
-    base, clf = res["baseline"], res["classify"]
+    """Table 2: DP-SGD classifiers trained on real data vs. classifiers trained on our samples.
+
+    DPDM's column takes, per (dataset, eps, classifier), the sampler whose classifier has
+    the best accuracy on the SYNTHETIC validation split (mean over seeds): choosing by the
+    real test accuracy would be selection on the test set."""
+    base, clf = res["baseline"], main_cells(res["classify"])
     tidy_rows, wide_rows = [], {}
     for (ds, eps), g in base.groupby(["dataset", "eps"], sort=True):
         ours = clf[(clf["dataset"] == ds) & (clf["eps"] == eps)] if len(clf) else clf
         for c in CLASSIFIERS:
             bm, bs, bn = _mean_std(g[g["classifier"] == c]["acc"], 1)
-            # Ours: the best sampler setting of the cell for this classifier (mean over seeds).
-            best = (np.nan, np.nan, 0, None)
+            best, best_val = (np.nan, np.nan, 0, None), -np.inf
             if len(ours):
-                for sampler, gs in ours[ours["classifier"] == c].groupby("sampler"):
-                    cand = _mean_std(gs["acc"], 1)
-                    if best[3] is None or cand[0] > best[0]:
-                        best = (*cand, sampler)
+                for sampler, gs in ours[ours["classifier"] == c].groupby("sampler", sort=True):
+                    val = float(gs["val_acc"].mean())
+                    if val > best_val:
+                        best, best_val = (*_mean_std(gs["acc"], 1), sampler), val
             tidy_rows.append(dict(dataset=ds, eps=eps, classifier=c, dpsgd_mean=bm, dpsgd_std=bs,
-                                  dpdm_mean=best[0], dpdm_std=best[1], dpdm_sampler=best[3]))
+                                  dpdm_mean=best[0], dpdm_std=best[1], dpdm_sampler=best[3],
+                                  dpdm_selection=TABLE2_SELECTION))
             row = wide_rows.setdefault(PRETTY_CLASSIFIER[c], {})
             col = (PRETTY_DATASET.get(ds, ds), _latex_eps(eps))
             row[col + ("DP-SGD",)] = _fmt(bm, bs, bn, 1, True)
@@ -223,49 +320,121 @@ def table2(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
     wide = pd.DataFrame.from_dict(wide_rows, orient="index")
     wide.columns = pd.MultiIndex.from_tuples(wide.columns)
     caption = ("Test accuracy (\\%) of classifiers trained with DP-SGD on real data vs. trained "
-               "non-privately on DPDM samples at the same privacy level.")
+               "non-privately on DPDM samples at the same privacy level. DPDM: per classifier, the sampler with the "
+               "best accuracy on the synthetic validation split (never the test set).")
     write_table(wide.fillna("--"), pd.DataFrame(tidy_rows), out_dir, "table2", caption)
 
 
+TABLE2_SELECTION = "sampler with the best mean accuracy on the synthetic validation split (ties: first by name)"
+
+
 def table4(res: dict[str, pd.DataFrame], out_dir: Path, unconditional: set[str]) -> None:
-    """Table 4: FID of unconditional datasets (CelebA)."""
-    fid = res["fid"]
+    """Table 4: FID (per reference split) of unconditional datasets (CelebA)."""
+    fid = main_cells(res["fid"])
     fid = fid[fid["dataset"].isin(unconditional)]
     untrained = bool(len(fid) and fid["test_only"].any())
+    splits = _fid_splits(fid)
+    tuned = bool(len(fid) and (fid["tuned_on"] != "").any())
     tidy_rows, wide_rows = [], {}
     for (ds, eps, sampler), g in fid.groupby(["dataset", "eps", "sampler"], sort=True):
-        m, s, n = _mean_std(g["fid"], 1)
-        tidy_rows.append(dict(dataset=ds, eps=eps, sampler=sampler, fid_mean=m, fid_std=s, seeds=n, fid_test_only=untrained))
-        wide_rows.setdefault(_escape(sampler), {})[(PRETTY_DATASET.get(ds, ds), _latex_eps(eps))] = _fmt(m, s, n, 1, True)
+        flag = g["tuned_on"].iloc[0]
+        tidy = dict(dataset=ds, eps=eps, sampler=sampler, sampler_tuned_on=flag, seeds=len(g), fid_test_only=untrained)
+        label = _escape(sampler) + (f"$^{TUNED_MARK}$" if flag else "")
+        for split in splits:
+            m, s_, n = _mean_std(g[f"fid_{split}"], 1)
+            tidy.update({f"fid_{split}_mean": m, f"fid_{split}_std": s_,
+                         f"fid_{split}_covered_by_dp": split != "train"})
+            wide_rows.setdefault(label, {})[(PRETTY_DATASET.get(ds, ds), _latex_eps(eps),
+                                             _fid_column(split, untrained))] = _fmt(m, s_, n, 1, True)
+        tidy.update(fid_mean=tidy[f"fid_{splits[0]}_mean"], fid_std=tidy[f"fid_{splits[0]}_std"])
+        tidy_rows.append(tidy)
     wide = pd.DataFrame.from_dict(wide_rows, orient="index")
     wide.columns = pd.MultiIndex.from_tuples(wide.columns)
-    caption = "FID of unconditional DP generation."
-    if untrained:
-        caption += " " + UNTRAINED_NOTE + "."
+    caption = "FID of unconditional DP generation." + _fid_captions(splits, untrained, tuned)
     write_table(wide.fillna("--"), pd.DataFrame(tidy_rows), out_dir, "table4", caption)
 
 
+def releases(res: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every mechanism the run releases, one row each: the generator of every cell (main
+    grid and ablations) and every DP-SGD baseline, with its recorded history and the
+    choices made on numbers the guarantee does not cover."""
+    rows = []
+    # Samplers with a tuned_on flag, from any result that records the sampler's settings.
+    frames = [main_cells(res[k])[["dataset", "eps", "seed", "sampler", "tuned_on"]]
+              for k in ("fid", "classify") if len(res[k])]
+    used = pd.concat(frames) if frames else pd.DataFrame(columns=["dataset", "eps", "seed", "sampler", "tuned_on"])
+    used = used[used["tuned_on"] != ""].drop_duplicates()
+    for _, r in res["privacy"].iterrows():
+        tuned = used[(used["dataset"] == r["dataset"]) & (used["eps"] == r["eps"]) & (used["seed"] == r["seed"])] \
+            if len(used) and not r["variant"] else used.iloc[0:0]
+        choices = [r["choices"]] if r["choices"] else []
+        choices += [f"sampler {t['sampler']}: tuned on {t['tuned_on']}" for _, t in tuned.iterrows()]
+        variant = f"{r['variant']}/" if r["variant"] else ""
+        rows.append(dict(release=f"generator {r['dataset']}/eps{r['eps']:g}/{variant}seed{r['seed']}",
+                         kind="generator", **{k: r[k] for k in RELEASE_COLUMNS}, choices="; ".join(choices)))
+    for _, r in res["baseline"].iterrows():
+        rows.append(dict(release=f"DP-SGD {r['classifier']} {r['dataset']}/eps{r['eps']:g}/seed{r['seed']}",
+                         kind="baseline", **{k: r[k] for k in RELEASE_COLUMNS}, choices=r["choices"]))
+    df = pd.DataFrame(rows)
+    return df
+
+
+RELEASE_COLUMNS = ("dataset", "eps", "seed", "N", "q", "steps", "K", "C", "sigma", "delta", "target_eps", "eps_rdp",
+                   "eps_prv", "history")
+
+
+def dataset_totals(rel: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset, epsilon of EVERYTHING the run releases on it, composed: the RDP curves
+    of all the releases' recorded histories added up (PRV composing the same histories as
+    the second opinion), at the smallest delta among them."""
+    from dpdm import privacy
+
+    rows = []
+    for ds, g in rel.groupby("dataset", sort=True):
+        history = [h for hist in g["history"] for h in hist]
+        delta = float(g["delta"].min())
+        try:
+            eps_prv = privacy.epsilon_from_history(history, delta, "prv")
+        except Exception as e:  # PRV can fail numerically on long compositions; RDP is then the guarantee
+            log.warning("PRV composition of %s failed (%s); the RDP total stands", ds, e)
+            eps_prv = np.nan
+        rows.append(dict(release=f"TOTAL: all {len(g)} releases on {ds}", kind="total", dataset=ds,
+                         N=int(g["N"].max()), delta=delta, steps=int(g["steps"].sum()),
+                         eps_rdp=privacy.epsilon_from_history(history, delta, "rdp"), eps_prv=eps_prv,
+                         choices="; ".join(c for c in g["choices"] if c)))
+    return pd.DataFrame(rows)
+
+
 def privacy_table(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
-    """The ledger of every trained model: sigma, q, steps, K, and eps by both accountants."""
-    p = res["privacy"].sort_values(["dataset", "eps", "seed"])
-    cols = ["dataset", "eps", "seed", "N", "q", "expected_batch", "steps", "epochs", "K", "C", "sigma", "delta",
-            "target_eps", "eps_rdp", "eps_prv"]
-    tidy = p[cols].reset_index(drop=True)
+    """The ledger of every release (each cell's generator, each DP-SGD baseline): sigma,
+    q, steps, K and epsilon by both accountants, then per dataset the total epsilon of
+    everything the run releases on it (composition)."""
+    rel = releases(res).sort_values(["dataset", "kind", "eps", "seed", "release"], kind="stable")
+    tidy = pd.concat([rel, dataset_totals(rel)], ignore_index=True).drop(columns=["history"], errors="ignore")
+    tidy = tidy.sort_values(["dataset", "kind"], key=lambda c: c.map({"generator": 0, "baseline": 1, "total": 2})
+                            if c.name == "kind" else c, kind="stable").reset_index(drop=True)
+
+    def num(col, fmt):
+        return [("" if pd.isna(v) else fmt(v)) for v in tidy[col]]
+
     wide = pd.DataFrame({
-        "dataset": [PRETTY_DATASET.get(d, d) for d in tidy["dataset"]],
-        "seed": tidy["seed"].astype(str),
-        r"$\sigma$": tidy["sigma"].map(lambda v: f"{v:.3f}"),
-        "$q$": tidy["q"].map(lambda v: f"{v:.4g}"),
-        "steps": tidy["steps"].astype(str),
-        "$K$": tidy["K"].astype(str),
-        "$C$": tidy["C"].map(lambda v: f"{v:g}"),
-        r"$\delta$": tidy["delta"].map(lambda v: f"{v:.0e}"),
-        r"target $\varepsilon$": tidy["target_eps"].map(lambda v: f"{v:g}"),
-        r"$\varepsilon$ (RDP)": tidy["eps_rdp"].map(lambda v: f"{v:.3f}"),
-        r"$\varepsilon$ (PRV)": tidy["eps_prv"].map(lambda v: f"{v:.3f}"),
+        "release": [_escape(r) for r in tidy["release"]],
+        r"$\sigma$": num("sigma", lambda v: f"{v:.3f}"),
+        "$q$": num("q", lambda v: f"{v:.4g}"),
+        "steps": num("steps", lambda v: f"{int(v)}"),
+        "$K$": num("K", lambda v: f"{int(v)}"),
+        "$C$": num("C", lambda v: f"{v:g}"),
+        r"$\delta$": num("delta", lambda v: f"{v:.0e}"),
+        r"target $\varepsilon$": num("target_eps", lambda v: f"{v:g}"),
+        r"$\varepsilon$ (RDP)": num("eps_rdp", lambda v: f"{v:.3f}"),
+        r"$\varepsilon$ (PRV)": num("eps_prv", lambda v: f"{v:.3f}"),
+        "choices on non-covered numbers": [_escape(c) if isinstance(c, str) else "" for c in tidy["choices"]],
     })
-    caption = ("Privacy ledger of every trained model: $\\varepsilon$ recomputed by two accountants "
-               "from the recorded $\\sigma$, sampling rate $q$ and the steps actually taken.")
+    caption = ("Privacy ledger of every release: $\\varepsilon$ recomputed by two accountants from the recorded "
+               "$\\sigma$, sampling rate $q$ and the steps actually taken; each row holds alone. The TOTAL row of a "
+               "dataset composes every release on it (RDP curves added, PRV as a second opinion): the privacy cost "
+               "of publishing all of them together. Last column: choices made by looking at numbers the guarantee "
+               "does not cover.")
     write_table(wide, tidy, out_dir, "privacy", caption)
 
 
@@ -293,23 +462,32 @@ def _subplots(n: int):
 
 
 def fig_fid_vs_eps(res, out_dir: Path) -> None:
-    fid = res["fid"]
+    """FID against eps per sampler and reference split; the training split's curves are
+    dashed and labelled as not covered by the DP guarantee."""
+    fid = main_cells(res["fid"])
     datasets = sorted(fid["dataset"].unique()) if len(fid) else []
+    splits = _fid_splits(fid)
     fig, axes = _subplots(len(datasets))
     for ax, ds in zip(axes, datasets):
-        agg = aggregate(fid[fid["dataset"] == ds], ["sampler", "eps"], "fid")
-        for sampler, g in agg.groupby("sampler"):
-            ax.errorbar(g["eps"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=sampler)
+        for split in splits:
+            agg = aggregate(fid[fid["dataset"] == ds], ["sampler", "eps"], f"fid_{split}")
+            for sampler, g in agg.groupby("sampler"):
+                ax.errorbar(g["eps"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3,
+                            linestyle="--" if split == "train" else "-",
+                            label=f"{sampler}, {split}" + (" (NOT covered by DP)" if split == "train" else ""))
         ax.set_xscale("log")
         ax.set_xlabel("ε")
         ax.set_ylabel("FID" + (" (untrained extractor: TEST ONLY)" if fid["test_only"].any() else ""))
         ax.set_title(PRETTY_DATASET.get(ds, ds))
-        ax.legend(title="sampler")
+        ax.legend(title="sampler, reference split", fontsize=6)
+    if "train" in splits:
+        fig.suptitle("FID against the training split is a statistic of the private data: not covered by the DP "
+                     "guarantee", fontsize=7, y=1.02)
     _save_figure(fig, out_dir, "fid_vs_eps")
 
 
 def fig_acc_vs_eps(res, out_dir: Path) -> None:
-    clf, base = res["classify"], res["baseline"]
+    clf, base = main_cells(res["classify"]), res["baseline"]
     datasets = sorted(clf["dataset"].unique()) if len(clf) else []
     fig, axes = _subplots(len(datasets))
     for ax, ds in zip(axes, datasets):
@@ -331,7 +509,8 @@ def fig_acc_vs_eps(res, out_dir: Path) -> None:
 
 
 def fig_loss_curves(res, out_dir: Path) -> None:
-    m = res["metrics"]
+    """Training losses (opt-in, report.loss_curves): NOT covered by the DP guarantee."""
+    m = main_cells(res["metrics"])
     datasets = sorted(m["dataset"].unique()) if len(m) else []
     fig, axes = _subplots(len(datasets))
     for ax, ds in zip(axes, datasets):
@@ -351,8 +530,9 @@ def fig_samples(res, out_dir: Path, dataset: str) -> None:
     """The sample grid of every (eps, sampler) of one dataset (first seed)."""
     import matplotlib.image as mpimg
 
-    fid = res["fid"]
-    sel = fid[fid["dataset"] == dataset].sort_values(["sampler", "eps", "seed"]).drop_duplicates(["sampler", "eps"])
+    rows = pd.concat([main_cells(res[k])[["dataset", "eps", "seed", "sampler", "path"]] for k in ("fid", "classify")
+                      if len(res[k])])
+    sel = rows[rows["dataset"] == dataset].sort_values(["sampler", "eps", "seed"]).drop_duplicates(["sampler", "eps"])
     fig, axes = _subplots(len(sel))
     for ax, (_, row) in zip(axes, sel.iterrows()):
         grid = Path(row["path"]) / f"grid_{row['sampler']}.png"
@@ -367,13 +547,18 @@ def fig_samples(res, out_dir: Path, dataset: str) -> None:
 # Entry point.
 
 
-def build_report(inputs: list[Path], out_dir: Path) -> None:
-    """Write every table and figure that `inputs` can fill into out_dir/{tables,figures}."""
+def build_report(inputs: list[Path], out_dir: Path, loss_curves: bool = False) -> None:
+    """Write every table and figure that `inputs` can fill into out_dir/{tables,figures}.
+
+    loss_curves: the opt-in (config report.loss_curves) to read the cells' private
+    training metrics and draw figures/loss_curves, labelled as not covered by DP."""
     from dpdm.data import DATASETS
 
     if not inputs:
         raise DPDMError("report needs at least one result file")
-    res = collect(inputs)
+    res = collect(inputs, loss_curves)
+    if loss_curves and res["metrics"].empty:
+        raise DPDMError("report --loss-curves needs the cells' private/train_metrics.csv among its inputs")
     if res["privacy"].empty:
         raise DPDMError("no privacy.json among the report's inputs: every table needs a trained cell")
     datasets = set(res["privacy"]["dataset"])
@@ -384,10 +569,12 @@ def build_report(inputs: list[Path], out_dir: Path) -> None:
         fig_acc_vs_eps(res, out_dir)
     if not res["baseline"].empty:
         table2(res, out_dir)
-    if datasets - conditional:
+    if datasets - conditional and not res["fid"].empty:
         table4(res, out_dir, datasets - conditional)
-    fig_fid_vs_eps(res, out_dir)
-    fig_loss_curves(res, out_dir)
+    if not res["fid"].empty:
+        fig_fid_vs_eps(res, out_dir)
+    if loss_curves:
+        fig_loss_curves(res, out_dir)
     for ds in sorted(datasets):
         fig_samples(res, out_dir, ds)
     log.info("wrote tables and figures to %s", out_dir)
@@ -413,9 +600,11 @@ def collect_ablation(manifest: dict, results_dir: Path) -> pd.DataFrame:
     rows = []
     for r in manifest["rows"]:
         cell = Path(results_dir) / r["cell"]
-        fid = load_json(cell / f"fid_{r['cell_sampler']}.json")
+        fid = load_json(cell / f"fid_{r['cell_sampler']}.json") if manifest.get("fid", True) else \
+            {"fid": np.nan, "reference": {"split": None}}
         row = dict(label=_ablation_label(r, manifest), variant=r["variant"], sampler=r["sampler"], x=r["x"],
                    eps=float(r["eps"]), seed=int(r["seed"]), cell=r["cell"], fid=fid["fid"],
+                   fid_split=(fid.get("reference") or {}).get("split", "train"),
                    test_only=bool(fid.get("test_only", False)))
         for c in r.get("classifiers", []):
             row[c] = 100.0 * load_json(cell / f"classify_{r['cell_sampler']}_{c}.json")["test_acc"]
@@ -427,15 +616,17 @@ def ablation_table(manifest: dict, df: pd.DataFrame, out_dir: Path) -> None:
     """Rows: the ablation's variants (or samplers); columns: eps x (FID, accuracies)."""
     classifiers = [c for c in CLASSIFIERS if c in manifest["classifiers"]]
     untrained = bool(df["test_only"].any())
-    fid_col = "FID (untrained, TEST ONLY)" if untrained else "FID"
+    split = df["fid_split"].iloc[0]
+    fid_col = _fid_column(split, untrained) if split else "FID"
     order = list(dict.fromkeys(df["label"]))
     tidy_rows, wide_rows = [], {}
     for (label, eps), g in sorted(df.groupby(["label", "eps"], sort=False), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
         m, s, n = _mean_std(g["fid"], 1)
         tidy = dict(ablation=manifest["name"], label=label, variant=g["variant"].iloc[0], sampler=g["sampler"].iloc[0],
-                    x=g["x"].iloc[0], eps=eps, fid_mean=m, fid_std=s, seeds=n, fid_test_only=untrained)
+                    x=g["x"].iloc[0], eps=eps, fid_mean=m, fid_std=s, seeds=n, fid_test_only=untrained,
+                    fid_split=split, fid_covered_by_dp=split != "train")
         wide = wide_rows.setdefault(_escape(label), {})
-        wide[(_latex_eps(eps), fid_col)] = _fmt(m, s, n, 1, True)
+        wide[(_latex_eps(eps), fid_col)] = _fmt(m, s, n, 1, True) if split else NOT_COMPUTED
         for c in classifiers:
             cm, cs, cn = _mean_std(g[c], 1)
             tidy[f"{c}_mean"], tidy[f"{c}_std"] = cm, cs
@@ -445,8 +636,7 @@ def ablation_table(manifest: dict, df: pd.DataFrame, out_dir: Path) -> None:
     wide.columns = pd.MultiIndex.from_tuples(wide.columns)
     caption = (f"Ablation: {_escape(manifest['title'])} ({PRETTY_DATASET.get(manifest['dataset'], manifest['dataset'])}). "
                "FID and test accuracy on real data of classifiers trained on the samples.")
-    if untrained:
-        caption += " " + UNTRAINED_NOTE + "."
+    caption += _fid_captions([split], untrained, False) if split else " FID was not computed (config fid.enabled: false)."
     write_table(wide.fillna("--"), pd.DataFrame(tidy_rows), out_dir, manifest["table"], caption)
 
 
@@ -457,8 +647,10 @@ def _numeric(values) -> bool:
 def ablation_figure(manifest: dict, df: pd.DataFrame, out_dir: Path) -> None:
     """A line plot against the varied value when it is a number (e.g. K), else grouped
     bars per eps (parameterisations, samplers). Error bars: std over seeds."""
-    metrics = ["fid"] + [c for c in CLASSIFIERS if c in manifest["classifiers"]]
-    names = {"fid": "FID" + (" (untrained: TEST ONLY)" if df["test_only"].any() else "")}
+    metrics = (["fid"] if manifest.get("fid", True) else []) + [c for c in CLASSIFIERS if c in manifest["classifiers"]]
+    split = df["fid_split"].iloc[0]
+    names = {"fid": f"FID ({split})" + (" NOT covered by DP" if split == "train" else "")
+             + (" (untrained: TEST ONLY)" if df["test_only"].any() else "")}
     names.update({c: f"{PRETTY_CLASSIFIER[c]} accuracy (%)" for c in CLASSIFIERS})
     fig, axes = _subplots(len(metrics))
     line = manifest.get("vary") and _numeric(df["x"].tolist())

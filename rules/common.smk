@@ -4,22 +4,26 @@
 
 import json
 import os
+import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)  # import the repo's dpdm even without `pip install -e .`
 
 from dpdm import config as dpcfg
-from dpdm.artifacts import DPDMError
+from dpdm.artifacts import DPDMError, is_private
+from dpdm.train import METRICS_FILE
 from dpdm.data import DATASETS
 
 
 def _load_config():
     """The config rebuilt by dpdm.config's rules (config/README.md): the package defaults,
-    the Snakefile's configfile, each --configfile in order, then --config. Snakemake's own
-    merge blends every mapping key by key, which would mix e.g. a --configfile's samplers
-    or ablations with the paper's. Jobs get the same --configfiles and --config."""
+    then either the Snakefile's configfile (the paper) or, when any --configfile is
+    given, exactly those files in order; then --config. A user's config thus gets exactly
+    the cells it names, not the paper's grid and ablations besides (list
+    config/config.yaml first to build on the paper). Snakemake's own merge blends every
+    mapping key by key; jobs get the same --configfiles and --config."""
     cli_files = [os.path.abspath(f) for f in workflow.config_settings.configfiles]
-    files = [f for f in workflow.configfiles if os.path.abspath(f) not in cli_files] + cli_files
+    files = cli_files or list(workflow.configfiles)
     return dpcfg.load_config(files, [dict(workflow.config_settings.config or {})])
 
 
@@ -31,6 +35,9 @@ try:
 except DPDMError as e:
     raise WorkflowError(str(e)) from None
 
+LOSS_CURVES = bool(config["report"]["loss_curves"])  # opt-in: training losses are not covered by DP
+FID = bool(config["fid"]["enabled"])  # false: no FID jobs; the tables say "not computed"
+FID_SPLITS = dpcfg.fid_splits(config)  # the first is the headline FID (the paper's: train)
 DATA = config["paths"]["data"]
 RESULTS = config["paths"]["results"]
 FID_WEIGHTS_DEFAULT = "weights/pt_inception-2015-12-05-6726825d.pth"
@@ -75,6 +82,9 @@ STAGE_SECTIONS = {
     "classify": ("cell", "device", "classify"),
     "baseline": ("cell", "device", "privacy", "baseline"),
 }
+# Stages whose settings also hold the sampler named by the wildcard (its `tuned_on` flag
+# reaches the fid and classify results, and so the report).
+SAMPLER_STAGES = ("sample", "fid", "classify")
 
 
 def _settings_json(settings, stage):
@@ -83,11 +93,11 @@ def _settings_json(settings, stage):
 
 def stage_settings(stage):
     """A params function: the JSON of the cell's settings that `stage` reads
-    (for `sample`, only the sampler named by the wildcard)."""
+    (for the SAMPLER_STAGES, with only the sampler named by the wildcard)."""
 
     def settings_json(wildcards):
         full = settings_of(wildcards)
-        if stage == "sample":
+        if stage in SAMPLER_STAGES:
             if wildcards.sampler not in full["samplers"]:
                 raise WorkflowError(
                     f"cell {plan_of(wildcards).path} has no sampler '{wildcards.sampler}'; "
@@ -117,17 +127,13 @@ def is_conditional(dataset):
     return DATASETS[dataset].num_classes > 0
 
 
-def code_hash(*modules):
-    """Content hash of the dpdm modules that the jobs of a rule run, used as a param.
-    Snakemake does not track imported code; with this, a change to these files reruns
-    the rules that use them."""
-    import hashlib
+def code_hash(command):
+    """Content hash of the dpdm modules `python -m dpdm <command>` imports (found from the
+    code by dpdm.codehash), a param of each rule running that command. Snakemake does
+    not track imported code; with this, a change to any of those modules reruns it."""
+    from dpdm.codehash import code_hash as _code_hash
 
-    h = hashlib.sha256()
-    for m in ("__init__", "artifacts", "config", "cli") + modules:
-        with open(os.path.join(workflow.basedir, "dpdm", f"{m}.py"), "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:16]
+    return _code_hash(command)
 
 
 def _resources_of(rule_name):
@@ -168,13 +174,19 @@ def fid_args():
     return args + (f" --weights {w[0]}" if w else "")
 
 
+def judge_of(dataset):
+    """The judge classifier of a dataset (classify.judge), None when off or unconditional."""
+    return dataset_settings(dataset)["classify"]["judge"] if is_conditional(dataset) else None
+
+
 def cell_outputs(plan):
     """Every result of one planned cell: model, ledger, metrics, samples, FIDs, classifiers."""
     d = results_path(plan.path)
-    out = [f"{d}/model.pt", f"{d}/privacy.json", f"{d}/train_metrics.csv"]
+    out = [f"{d}/model.pt", f"{d}/privacy.json", f"{d}/{METRICS_FILE}"]
     for s, classifiers in plan.classifiers.items():
-        out += [f"{d}/samples_{s}.npz", f"{d}/grid_{s}.png", f"{d}/fid_{s}.json"]
+        out += [f"{d}/samples_{s}.npz", f"{d}/grid_{s}.png"] + ([f"{d}/fid_{s}.json"] if FID else [])
         out += [f"{d}/classify_{s}_{c}.json" for c in classifiers]
+        out += [f"{d}/judge_{s}.json"] if judge_of(plan.dataset) else []
     return out
 
 
@@ -192,8 +204,18 @@ def baseline_outputs():
 
 
 def main_outputs():
-    """Every result of the main grid that the report reads (with the sample grids)."""
+    """Every result of the main grid (with the sample grids)."""
     return [p for plan in MAIN_CELLS for p in cell_outputs(plan)] + baseline_outputs()
+
+
+def report_inputs():
+    """What the report reads: the main grid's published results, the ledger of EVERY
+    release (ablation models too: the privacy table composes them per dataset) and, only
+    with the opt-in report.loss_curves, the cells' private training metrics."""
+    published = [p for p in main_outputs() if p.endswith(".json") and not is_private(p)]
+    ledgers = [results_path(f"{plan.path}/privacy.json") for plan in GRID.cells.values() if plan.variant]
+    metrics = [results_path(f"{plan.path}/{METRICS_FILE}") for plan in MAIN_CELLS] if LOSS_CURVES else []
+    return published + ledgers + metrics
 
 
 def report_tables():
@@ -204,14 +226,15 @@ def report_tables():
         tables.append("table1")
     if baseline_outputs():
         tables.append("table2")
-    if any(not is_conditional(ds) for ds in datasets):
+    if FID and any(not is_conditional(ds) for ds in datasets):
         tables.append("table4")
     return tables
 
 
 def report_figures():
     datasets = sorted({c.dataset for c in MAIN_CELLS})
-    figs = ["fid_vs_eps", "loss_curves"] + [f"samples_{ds}" for ds in datasets]
+    figs = (["fid_vs_eps"] if FID else []) + (["loss_curves"] if LOSS_CURVES else [])
+    figs += [f"samples_{ds}" for ds in datasets]
     if any(is_conditional(ds) for ds in datasets):
         figs.append("acc_vs_eps")
     return figs
@@ -230,7 +253,7 @@ def ablation_inputs(name):
     out = []
     for row in GRID.ablations[name]["rows"]:
         d = results_path(row["cell"])
-        out += [f"{d}/privacy.json", f"{d}/fid_{row['cell_sampler']}.json"]
+        out += [f"{d}/privacy.json"] + ([f"{d}/fid_{row['cell_sampler']}.json"] if FID else [])
         out += [f"{d}/classify_{row['cell_sampler']}_{c}.json" for c in row["classifiers"]]
     return list(dict.fromkeys(out))
 

@@ -16,7 +16,7 @@ rule prepare:
         out=lambda wc: data_path(wc.dataset),
         raw=lambda wc: dpcfg.env_or(config["paths"]["raw"], "DPDM_RAW_DIR") or "raw",
         digits_size=lambda wc: dataset_settings(wc.dataset)["data"]["digits_size"],
-        code=code_hash("data"),
+        code=code_hash("prepare"),
     log:
         results_path("logs/prepare/{dataset}.log"),
     benchmark:
@@ -50,7 +50,10 @@ rule fid_reference:
     params:
         data=lambda wc: data_path(wc.dataset),
         fid=fid_args(),
-        code=code_hash("data", "fid"),
+        num=(
+            f"--num-images {config['fid']['reference_images']}" if config["fid"]["reference_images"] else ""
+        ),
+        code=code_hash("fid-ref"),
     threads: rule_threads("fid")
     resources:
         **rule_resources("fid"),
@@ -62,4 +65,4 @@ rule fid_reference:
         "../environment.yml"
     shell:
         "python -m dpdm fid-ref --data {params.data:q} --split {wildcards.split}"
-        " --out {output:q} {params.fid} > {log:q} 2>&1"
+        " --out {output:q} {params.fid} {params.num} > {log:q} 2>&1"

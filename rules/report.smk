@@ -9,7 +9,7 @@ localrules:
 
 rule report:
     input:
-        results=[p for p in main_outputs() if p.endswith((".json", ".csv"))],
+        results=report_inputs(),
         grids=[p for p in main_outputs() if p.endswith(".png")],
     output:
         tables=[
@@ -34,6 +34,7 @@ rule report:
     params:
         out=lambda wc, output: os.path.dirname(os.path.dirname(output.tex[0])),
         code=code_hash("report"),
+        loss_curves="--loss-curves" if LOSS_CURVES else "",
     log:
         results_path("logs/report.log"),
     benchmark:
@@ -41,7 +42,7 @@ rule report:
     conda:
         "../environment.yml"
     shell:
-        "python -m dpdm report --out {params.out:q} {input.results:q} > {log:q} 2>&1"
+        "python -m dpdm report --out {params.out:q} {params.loss_curves} {input.results:q} > {log:q} 2>&1"
 
 
 # One rule per ablation, so that `snakemake ablation_<name>` builds exactly that table.
@@ -71,7 +72,7 @@ for _name in GRID.ablations:
         params:
             out=lambda wc, output: os.path.dirname(os.path.dirname(output.tex)),
             manifest=json.dumps(GRID.ablations[_name], sort_keys=True, separators=(",", ":")),
-            code=code_hash("report"),
+            code=code_hash("report-ablation"),
         log:
             results_path(f"logs/ablation_{_name}.log"),
         benchmark:

@@ -15,7 +15,7 @@ rule sample:
         ),
     params:
         settings=stage_settings("sample"),
-        code=code_hash("data", "networks", "diffusion", "sampling"),
+        code=code_hash("sample"),
     threads: rule_threads("sample")
     resources:
         **rule_resources("sample"),

@@ -12,12 +12,13 @@ rule train:
     output:
         model=cell_path("model.pt"),
         ledger=cell_path("privacy.json"),
-        metrics=cell_path("train_metrics.csv"),
+        metrics=cell_path(METRICS_FILE),
     params:
         data=lambda wc: data_path(wc.dataset),
         out=lambda wc: results_path(plan_of(wc).path),
         settings=stage_settings("train"),
-        code=code_hash("data", "networks", "diffusion", "privacy", "train"),
+        code=code_hash("train"),
+    priority: 10  # the longest chain: start training first
     threads: rule_threads("train")
     resources:
         **rule_resources("train"),

@@ -23,6 +23,10 @@ def test_defaults_and_shipped_configs_are_valid():
     cfg.load_config([PAPER])
     cfg.load_config([PAPER, SMOKE])
     cfg.load_config([SMOKE])
+    laptop = cfg.load_config([REPO / "config" / "laptop.yaml"])
+    assert laptop["ablations"] == {} and not laptop["fid"]["enabled"]  # alone: none of the paper's ablations
+    assert {ds for ds, _, _ in cfg.iter_cells(laptop)} == {"mnist", "fashion_mnist"}
+    assert cfg.resolve_cell(laptop, "mnist", 1, 0)["privacy"]["delta"] == 1e-5
 
 
 def test_paper_grid_cells_and_per_cell_settings():
@@ -66,6 +70,9 @@ def test_eps_tags():
         ("defaults:\n  model:\n    dropout: 0.1\n", "defaults.model.dropout"),
         ("defaults:\n  samplers:\n    fid: {kind: euler}\n", "defaults.samplers.fid.kind"),
         ("fid:\n  extractor: resnet\n", "fid.extractor"),
+        ("fid:\n  reference_split: validation\n", "fid.reference_split"),
+        ("fid:\n  reference_split: [train, train]\n", "fid.reference_split"),
+        ("report:\n  loss_curves: yes please\n", "report.loss_curves"),
     ],
 )
 def test_schema_rejects_bad_configs_naming_the_key(tmp_path, text, key):

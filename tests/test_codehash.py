@@ -1,0 +1,65 @@
+"""dpdm.codehash: the modules each command runs, derived from the imports.
+(The reruns they cause are tested on a finished smoke run in test_workflow.py.)"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpdm import codehash
+from dpdm.artifacts import DPDMError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_training_hashes_every_module_that_computes_its_gradients():
+    mods = set(codehash.modules_of("train"))
+    # example_grads computes every per-example gradient; it is imported by privacy only.
+    assert {"train", "privacy", "example_grads", "diffusion", "networks", "data", "config", "cli"} <= mods
+    assert not mods & {"bench", "report", "sampling", "fid", "classifiers"}
+
+
+def test_commands_hash_only_what_they_import():
+    assert set(codehash.modules_of("prepare")) == {"__init__", "__main__", "artifacts", "cli", "config", "data"}
+    for command in ("prepare", "fid-ref", "fid", "train", "sample", "classify", "judge-fit", "judge", "baseline",
+                    "report", "report-ablation"):
+        assert "bench" not in codehash.modules_of(command), command  # bench's options are built by bench only
+    assert "bench" in codehash.modules_of("bench")
+    assert "example_grads" in codehash.modules_of("baseline")  # DP-SGD classifiers use the same gradients
+
+
+def test_unknown_command_is_an_error():
+    with pytest.raises(DPDMError, match="no command 'nope'"):
+        codehash.modules_of("nope")
+
+
+def test_the_hash_follows_a_new_import(tmp_path, monkeypatch):
+    """In a copy of the package: sample does not import classifiers until a module
+    starts to, and then its hash changes with classifiers.py."""
+    pkg = tmp_path / "dpdm"
+    shutil.copytree(REPO / "dpdm", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(codehash, "PACKAGE_DIR", pkg)
+    codehash.modules_of.cache_clear()
+    try:
+        before = codehash.code_hash("sample")
+        (pkg / "classifiers.py").write_text((pkg / "classifiers.py").read_text() + "\n# edited\n")
+        assert codehash.code_hash("sample") == before
+        sampling = pkg / "sampling.py"
+        sampling.write_text(sampling.read_text() + "\n\ndef _late():\n    from dpdm import classifiers  # noqa\n")
+        codehash.modules_of.cache_clear()
+        assert "classifiers" in codehash.modules_of("sample") and codehash.code_hash("sample") != before
+    finally:
+        codehash.modules_of.cache_clear()
+
+
+def test_other_commands_do_not_import_bench():
+    """`python -m dpdm prepare --help` must not load bench (and torch with it)."""
+    code = ("import sys; from dpdm.cli import main\n"
+            "try:\n    main(['prepare', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('dpdm.bench' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["False", "False"], out

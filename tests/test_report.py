@@ -1,0 +1,102 @@
+"""dpdm.report on hand-made result files: Table 2 selects without the test set, FID
+that was not computed says so, loss curves need the opt-in, the privacy table composes
+every release of a dataset and flags choices made on non-covered numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dpdm import privacy, report
+from dpdm.artifacts import DPDMError
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _ledger(sigma: float, q: float, steps: int, eps_target: float, delta: float = 1e-5) -> dict:
+    history = [[sigma, q, steps]]
+    return {"noise_multiplier": sigma, "sample_rate": q, "steps": steps, "noise_multiplicity": 2, "clip": 1.0,
+            "delta": delta, "target_eps": eps_target, "num_examples": 1000, "expected_batch_size": q * 1000,
+            "epochs": q * steps, "history": history, "choices_on_private_data": [],
+            "eps_rdp": privacy.epsilon_from_history(history, delta, "rdp"),
+            "eps_prv": privacy.epsilon_from_history(history, delta, "prv")}
+
+
+def _settings(sampler: str, tuned_on: str | None = None) -> dict:
+    opts = {"kind": "ddim", "steps": 10, **({"tuned_on": tuned_on} if tuned_on else {})}
+    return {"provenance": {"settings": {"samplers": {sampler: opts}}}}
+
+
+@pytest.fixture
+def results(tmp_path):
+    """One dataset, eps 10: two samplers whose CNNs rank differently on the synthetic
+    validation split (A better) and the real test set (B better); a DP-SGD baseline."""
+    root = tmp_path / "results"
+    cell = root / "mnist" / "eps10" / "seed0"
+    files = [_write(cell / "privacy.json", _ledger(0.8, 0.01, 500, 10.0))]
+    for sampler, val, test in (("A", 0.90, 0.50), ("B", 0.80, 0.95)):
+        for clf in ("logreg", "mlp", "cnn"):
+            files.append(_write(cell / f"classify_{sampler}_{clf}.json",
+                                {"test_acc": test, "val_acc": val, **_settings(sampler, "train-split FID" if
+                                                                                 sampler == "A" else None)}))
+    led = _ledger(1.0, 0.02, 300, 10.0)
+    for clf in ("logreg", "mlp", "cnn"):
+        files.append(_write(root / "mnist" / "baseline" / "eps10" / "seed0" / f"{clf}.json",
+                            {"test_acc": 0.7, "privacy": led}))
+    return root, files
+
+
+def test_table2_picks_the_sampler_by_synthetic_validation_accuracy(results, tmp_path):
+    root, files = results
+    res = report.collect(files)
+    report.table2(res, tmp_path / "out")
+    t2 = pd.read_csv(tmp_path / "out" / "tables" / "table2.csv").set_index("classifier")
+    # A has the better validation accuracy (90 vs 80) and the worse test accuracy (50 vs 95).
+    assert (t2["dpdm_sampler"] == "A").all() and (t2["dpdm_mean"] == 50.0).all()
+    assert "validation" in t2["dpdm_selection"].iloc[0]
+    assert "never the test set" in (tmp_path / "out" / "tables" / "table2.tex").read_text()
+
+
+def test_report_without_fid_says_not_computed(results, tmp_path):
+    """fid.enabled: false: no fid_*.json at all; the whole report builds, Table 1 says so."""
+    root, files = results
+    report.build_report(files, tmp_path / "out")
+    t1 = pd.read_csv(tmp_path / "out" / "tables" / "table1.csv")
+    assert (t1["fid_status"] == report.NOT_COMPUTED).all() and t1["fid_mean"].isna().all()
+    tex = (tmp_path / "out" / "tables" / "table1.tex").read_text()
+    assert "not computed" in tex and "fid.enabled: false" in tex and "nan" not in tex.lower()
+    # Sampler A was tuned on a non-covered number: flagged in the CSV and the caption.
+    assert set(t1.loc[t1["sampler"] == "A", "sampler_tuned_on"]) == {"train-split FID"}
+    assert "\\ddag" in tex
+
+
+def test_loss_curves_need_the_opt_in(results, tmp_path):
+    root, files = results
+    metrics = root / "mnist" / "eps10" / "seed0" / "private" / "train_metrics.csv"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text("step,epoch,loss\n1,0.01,1.0\n2,0.02,0.9\n")
+    with pytest.raises(DPDMError, match="report.loss_curves: true"):
+        report.collect(files + [metrics])
+    assert len(report.collect(files + [metrics], loss_curves=True)["metrics"]) == 2
+
+
+def test_privacy_table_composes_every_release_of_a_dataset(results, tmp_path):
+    root, files = results
+    report.privacy_table(report.collect(files), tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "tables" / "privacy.csv")
+    single = table[table["kind"] != "total"]
+    total = table[table["kind"] == "total"].iloc[0]
+    assert len(single) == 4  # the generator and three DP-SGD classifiers
+    history = [[0.8, 0.01, 500]] + [[1.0, 0.02, 300]] * 3
+    assert total["eps_rdp"] == pytest.approx(privacy.epsilon_from_history(history, 1e-5, "rdp"))
+    assert single["eps_rdp"].max() < total["eps_rdp"] < single["eps_rdp"].sum()
+    assert total["steps"] == 500 + 3 * 300
+    generator = single[single["kind"] == "generator"].iloc[0]
+    assert "sampler A: tuned on train-split FID" in generator["choices"]
