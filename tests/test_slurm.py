@@ -58,7 +58,7 @@ CI_KEYS = {
     "latency-wait",
 }
 LOCAL_RULES = {"prepare", "fetch_fid_weights", "report", "all"}  # and every ablation_<name> (localrule: True)
-GPU_RULES = {"fid_reference", "train", "sample", "fid", "classify", "baseline"}
+GPU_RULES = {"fid_reference", "train", "sample", "fid", "classify", "baseline", "train_judge", "judge"}
 
 SMOKE_TIMEOUT = int(os.environ.get("DPDM_SLURM_SMOKE_TIMEOUT", 1200))
 PREEMPT_TIMEOUT = 480
@@ -277,7 +277,7 @@ def test_smoke_workflow_completes_through_the_slurm_profile(slurm_smoke):
     for name in ("table1", "table2", "privacy"):
         assert r"\toprule" in (results / "tables" / f"{name}.tex").read_text()
         assert (results / "tables" / f"{name}.csv").stat().st_size > 0
-    for name in ("fid_vs_eps", "acc_vs_eps", "loss_curves", "samples_digits"):
+    for name in ("fid_vs_eps", "acc_vs_eps", "samples_digits"):
         assert (results / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert (results / "figures" / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
     import numpy as np
@@ -289,8 +289,8 @@ def test_smoke_workflow_completes_through_the_slurm_profile(slurm_smoke):
             with np.load(f) as z:
                 assert z.files, f
     cell = results / "digits" / "eps10" / "seed0"
-    for f in ("model.pt", "privacy.json", "train_metrics.csv", "samples_fid.npz", "grid_fid.png",
-              "fid_fid.json", "classify_acc_cnn.json", "logs/train.log", "benchmarks/train.tsv"):
+    for f in ("model.pt", "privacy.json", "private/train_metrics.csv", "samples_fid.npz", "grid_fid.png",
+              "fid_fid.json", "classify_acc_cnn.json", "judge_acc.json", "logs/train.log", "benchmarks/train.tsv"):
         assert (cell / f).is_file(), f
 
 
@@ -306,8 +306,8 @@ def test_every_cluster_rule_ran_as_a_slurm_job_with_its_own_log(slurm_smoke):
         by_rule[sub.rule] = by_rule.get(sub.rule, 0) + 1
     expected = {r: n for r, n in counts.items() if r not in LOCAL_RULES and not r.startswith("ablation_")}
     assert by_rule == expected, f"SLURM jobs per rule {by_rule}, workflow jobs {counts}"
-    # 2 main cells + the K1 and vp ablation models; 2 x 2 x 3 main classifiers + 4 ablation CNNs.
-    assert expected.get("train") == 4 and expected.get("classify") == 16
+    # 2 main cells + the K1 ablation model; 2 cells x 2 samplers x 2 classifiers + K1's CNN.
+    assert expected.get("train") == 3 and expected.get("classify") == 9 and expected.get("judge") == 5
     for sub in subs:
         # .snakemake/slurm_logs/rule_<rule>/<wildcards>/<jobid>.log, kept (slurm-keep-successful-logs).
         assert sub.log.is_file() and sub.log.name == f"{sub.jobid}.log", sub.log
@@ -370,7 +370,7 @@ def preempted(cluster, tmp_path_factory):
     rc, out = run_bounded(["results/calib/digits/eps10/seed0/model.pt", "--cores", "1", "--configfile", calib.name],
                           work, 300, "calibrate")
     _assert_ok(rc, out, "the calibration run")
-    per_step = _train_seconds_per_step(work / "results/calib/digits/eps10/seed0/train_metrics.csv")
+    per_step = _train_seconds_per_step(work / "results/calib/digits/eps10/seed0/private/train_metrics.csv")
     max_steps = max(40, min(20000, math.ceil(PREEMPT_TRAIN_SECONDS / per_step)))
     cfg = _write_preempt_config(work, max_steps, "results/preempt")
     cell = work / "results/preempt/digits/eps10/seed0"
@@ -415,7 +415,7 @@ def test_time_limit_checkpoints_retries_with_a_longer_limit_and_resumes(preempte
     assert ledger["steps"] == ledger["planned_steps"] == p.max_steps
     assert sum(n for _, _, n in ledger["history"]) == p.max_steps
     assert ledger["eps_rdp"] <= ledger["target_eps"] * (1 + 1e-9)
-    steps = [int(r["step"]) for r in csv.DictReader((p.cell / "train_metrics.csv").open())]
+    steps = [int(r["step"]) for r in csv.DictReader((p.cell / "private" / "train_metrics.csv").open())]
     assert steps == sorted(set(steps)) and steps[-1] == p.max_steps, steps
     assert not (p.cell / "checkpoints").exists()
 
@@ -427,13 +427,13 @@ def test_time_limit_checkpoints_retries_with_a_longer_limit_and_resumes(preempte
 @pytest.fixture(scope="module")
 def failed(cluster, tmp_path_factory):
     work = copy_workflow(tmp_path_factory.mktemp("slurm_fail"))
-    data = work / "results" / "smoke" / "data" / "digits"
+    data = work / "results" / "smoke" / "private" / "data" / "digits"
     data.mkdir(parents=True)
     for name in ("train.npz", "test.npz"):
         (data / name).write_bytes(b"not an npz: broken on purpose by tests/test_slurm.py\n")
     (data / "meta.json").write_text("{}\n")
     with JobRecorder(work) as rec:
-        rc, out = run_bounded(["results/smoke/data/digits/fid_train.npz", *PROFILE_ARGS, "--retries", "0",
+        rc, out = run_bounded(["results/smoke/private/data/digits/fid_train.npz", *PROFILE_ARGS, "--retries", "0",
                                "--configfile", "config/smoke.yaml", str(SLURM_DIR / "ci.yaml")],
                               work, FAIL_TIMEOUT, "fail", rec)
     return SimpleNamespace(work=work, rc=rc, out=out)
