@@ -67,6 +67,7 @@ def test_eps_tags():
         ("defaults:\n  train:\n    learning_rate: 0.1\n", "defaults.train.learning_rate"),
         ("defaults:\n  privacy:\n    delta: 2\n", "defaults.privacy.delta"),
         ("experiments:\n  - {dataset: mnist, eps: [-1]}\n", "experiments.0.eps.0"),
+        ("experiments:\n  - {dataset: mnist, eps: [1, 1000000]}\n", "experiments.0.eps.1"),
         ("defaults:\n  model:\n    dropout: 0.1\n", "defaults.model.dropout"),
         ("defaults:\n  samplers:\n    fid: {kind: euler}\n", "defaults.samplers.fid.kind"),
         ("fid:\n  extractor: resnet\n", "fid.extractor"),
