@@ -227,19 +227,42 @@ def _scale(x):
     return x.float() / 127.5 - 1.0
 
 
-def _accuracy(model, x, y, *, split: str = "", batch_size: int = EVAL_BATCH_SIZE) -> float:
-    """Top-1 accuracy of `model` (put in eval mode) on uint8 images `x`, labels `y`."""
+def _predict(model, x, batch_size: int = EVAL_BATCH_SIZE):
+    """Predicted classes of `model` (in eval mode for the call) on uint8 images `x`."""
     import torch
 
     was_training = model.training
     model.eval()
-    correct = 0
     with torch.no_grad():
-        for start in range(0, len(y), batch_size):
-            logits = model(_scale(x[start:start + batch_size]))
-            correct += int((logits.argmax(dim=1) == y[start:start + batch_size]).sum())
+        pred = [model(_scale(x[start:start + batch_size])).argmax(dim=1) for start in range(0, len(x), batch_size)]
     model.train(was_training)
-    return correct / max(len(y), 1)
+    return torch.cat(pred) if pred else torch.zeros(0, dtype=torch.long)
+
+
+def _accuracy(model, x, y, *, split: str = "", batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Top-1 accuracy of `model` on uint8 images `x`, labels `y`."""
+    return int((_predict(model, x, batch_size) == y).sum()) / max(len(y), 1)
+
+
+def _train_epoch(model, optimizer, x, y, batch_size: int, generator) -> tuple[float, int]:
+    """One pass of cross-entropy Adam steps over a random permutation of (x, y); returns
+    the summed loss and the number of correct training predictions."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    perm = torch.randperm(len(y), generator=generator).to(x.device)
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(perm), batch_size):
+        b = perm[start:start + batch_size]
+        logits = model(_scale(x[b]))
+        loss = F.cross_entropy(logits, y[b])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(b)
+        correct += int((logits.detach().argmax(1) == y[b]).sum())
+    return loss_sum, correct
 
 
 def _num_params(model) -> int:
@@ -274,7 +297,6 @@ def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tup
 def classify(settings: dict, samples_path, test_path, classifier: str, out_path) -> dict:
     """Train `classifier` on samples, select by synthetic validation accuracy, test on real data -> JSON."""
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     started = time.time()
@@ -310,18 +332,7 @@ def classify(settings: dict, samples_path, test_path, classifier: str, out_path)
     train_started = time.time()
     for epoch in tqdm(range(1, epochs + 1), desc=f"classify {classifier}", unit="epoch"):
         t0 = time.time()
-        model.train()
-        perm = torch.randperm(len(ytr), generator=gen).to(device)
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(perm), batch_size):
-            b = perm[start:start + batch_size]
-            logits = model(_scale(xtr[b]))
-            loss = F.cross_entropy(logits, ytr[b])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(b)
-            correct += int((logits.detach().argmax(1) == ytr[b]).sum())
+        loss_sum, correct = _train_epoch(model, optimizer, xtr, ytr, batch_size, gen)
         val_acc = _accuracy(model, xva, yva, split="val")
         test_acc = _accuracy(model, xte, yte, split="test")  # recorded for the curves; never used to choose
         curves["epoch"].append(epoch)
@@ -385,7 +396,6 @@ JUDGE_BATCH = 128
 def fit_judge(data_dir, classifier: str, epochs: int, out_path, seed: int = 0) -> dict:
     """Train `classifier` on the real training split (last epoch, fixed seed), record its
     accuracy on the real test split, save {"state", "spec", "test_acc"} to out_path."""
-    import torch.nn.functional as F
 
     from dpdm.artifacts import save_torch
     from dpdm.data import load_split
@@ -402,15 +412,8 @@ def fit_judge(data_dir, classifier: str, epochs: int, out_path, seed: int = 0) -
     optimizer = torch.optim.Adam(model.parameters(), lr=JUDGE_LR)
     x, y = _to_tensors(train_x, train_y, "cpu")
     gen = torch.Generator().manual_seed(seed)
-    model.train()
     for _ in range(int(epochs)):
-        perm = torch.randperm(len(y), generator=gen)
-        for start in range(0, len(perm), JUDGE_BATCH):
-            b = perm[start:start + JUDGE_BATCH]
-            loss = F.cross_entropy(model(_scale(x[b])), y[b])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        _train_epoch(model, optimizer, x, y, JUDGE_BATCH, gen)
     xte, yte = _to_tensors(test_x, test_y, "cpu")
     test_acc = _accuracy(model, xte, yte)
     spec = {"classifier": classifier, "image_shape": [int(h), int(w), int(c)], "num_classes": num_classes,
@@ -440,10 +443,7 @@ def judge_samples(settings: dict, judge_path, samples_path, out_path) -> dict:
                              spec["num_classes"])
     model.load_state_dict(judge["state"])
     x, y = _to_tensors(images, labels, "cpu")
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(_scale(x[i:i + EVAL_BATCH_SIZE])).argmax(1) for i in range(0, len(y), EVAL_BATCH_SIZE)])
-    correct = (pred == y)
+    correct = (_predict(model, x) == y)
     per_class = {int(k): float(correct[y == k].float().mean()) for k in torch.unique(y).tolist()}
     result = {
         "judge_acc": float(correct.float().mean()),
