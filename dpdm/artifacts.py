@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -54,9 +55,99 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if not is_private(path):
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:  # disk full, quota, permissions: name the file, not a byte offset
+            raise write_error(path, e) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def write_error(path: str | os.PathLike, error: BaseException) -> DPDMError:
+    """A DPDMError saying which file could not be written, why, and how much space is left."""
+    import shutil
+
+    reason = getattr(error, "strerror", None) or str(error)
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+        where = f"; {free / 2**20:.0f} MiB free on its filesystem"
+    except OSError:
+        where = ""
+    return DPDMError(f"cannot write {path}: {reason}{where}. Free space or fix the permissions, then rerun; "
+                     "nothing half-written was left in its place")
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Create `folder` and write a probe file in it, so a read-only or missing output
+    location fails before the compute, not after."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DPDMError(f"cannot write the {what} {folder}: {e.strerror or e}; choose a writable location or fix "
+                        "its permissions (checked before any compute)") from e
+
+
+@contextlib.contextmanager
+def staged_outputs(out_dir: str | os.PathLike, marker: str) -> Iterator[Path]:
+    """Write a result's files into a staging folder inside `out_dir` (same relative
+    names), then move them into place: the old `marker` (the file whose presence says
+    "finished", e.g. privacy.json) is removed first and the new one moved in last. So
+    `out_dir` holds the whole old result until the new one is complete, never a mix
+    marked finished; on an error the staging folder is deleted and `out_dir` is untouched."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        yield stage
+        files = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
+        if (out_dir / marker).exists():
+            (out_dir / marker).unlink()
+        for rel in sorted(files, key=lambda r: r == Path(marker)):  # the marker last
+            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, out_dir / rel)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (a POSIX lock on folder/.lock, released by the
+    kernel when the process dies, so it is never stale). A second holder gets a
+    DPDMError naming the first one's pid and host."""
+    import fcntl
+    import socket
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise DPDMError(f"{what} {folder} is in use by {holder} (lock {path}); wait for it to finish or stop "
+                            "it; two runs of one cell would overwrite each other's checkpoint") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def _umask() -> int:
@@ -71,7 +162,15 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def load_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """Read a JSON file; DPDMError (naming the file) when it is missing or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DPDMError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DPDMError(f"{path} is not a readable JSON file ({type(e).__name__}: {e}); "
+                        "delete it and rerun the step that writes it") from e
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
@@ -92,7 +191,10 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's writer reports a full disk as "unexpected pos ..."
+            raise write_error(path, e) from e
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -188,8 +290,14 @@ def provenance(
 
 
 def pick_device(preference: str = "auto"):
-    """CUDA when there is one (or when asked), CPU otherwise."""
+    """CUDA when there is one (or when asked), CPU otherwise. `preference`: auto, cpu,
+    cuda or cuda:N (the config's `device`)."""
+    import re
+
     import torch
+
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", str(preference)):
+        raise DPDMError(f"device '{preference}' is not one of auto, cpu, cuda, cuda:N")
 
     if preference == "auto":
         if torch.cuda.is_available():

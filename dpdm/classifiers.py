@@ -155,7 +155,12 @@ def _read_npz(path: Path, what: str) -> tuple[np.ndarray, np.ndarray | None]:
         raise DPDMError(f"{what} file {path}: images must be uint8 N x H x W x C with C in (1, 3), "
                         f"got {images.dtype} {images.shape}")
     if labels is not None:
-        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+        labels = np.asarray(labels).reshape(-1)
+        if labels.dtype.kind not in "iub" and not np.array_equal(labels, np.round(labels)):
+            bad = labels[labels != np.round(labels)][0]
+            raise DPDMError(f"{what} file {path}: labels must be whole class numbers, found {bad!r} "
+                            f"({labels.dtype})")
+        labels = labels.astype(np.int64)
         if len(labels) != len(images):
             raise DPDMError(f"{what} file {path}: {len(images)} images but {len(labels)} labels")
     return images, labels
@@ -294,6 +299,9 @@ def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tup
 # The synthetic-train / real-test protocol.
 
 
+MIN_SAMPLES_PER_CLASS = 10  # fewer: the accuracy of a classifier trained on them means nothing
+
+
 def classify(settings: dict, samples_path, test_path, classifier: str, out_path) -> dict:
     """Train `classifier` on samples, select by synthetic validation accuracy, test on real data -> JSON."""
     import torch
@@ -315,6 +323,10 @@ def classify(settings: dict, samples_path, test_path, classifier: str, out_path)
     if syn_x.shape[1:] != test_x.shape[1:]:
         raise DPDMError(f"samples are {syn_x.shape[1:]} (H, W, C) but the real test images are {test_x.shape[1:]}")
     h, w, c = syn_x.shape[1:]
+    if len(syn_y) < MIN_SAMPLES_PER_CLASS * num_classes:
+        raise DPDMError(f"samples {samples_path} hold {len(syn_y)} images; a classifier needs at least "
+                        f"{MIN_SAMPLES_PER_CLASS} per class ({MIN_SAMPLES_PER_CLASS * num_classes} for {num_classes} "
+                        "classes) to say anything: sample more (sample.num_samples)")
 
     train_idx, val_idx, stratified = _stratified_split(syn_y, val_fraction, seed)
     xtr, ytr = _to_tensors(syn_x[train_idx], syn_y[train_idx], device)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from dpdm.artifacts import DPDMError, keep_freed_memory
@@ -30,22 +32,58 @@ def _add_settings_args(p: argparse.ArgumentParser, need_cell: bool = True) -> No
     g.add_argument("--seed", type=int, default=0)
 
 
-def _read_json_arg(text: str) -> dict:
-    """A JSON string, or the path of a JSON file."""
+def _read_json_arg(text: str, option: str = "--settings") -> dict:
+    """A JSON object given as a string, or the path of a JSON file."""
     if not text.lstrip().startswith("{"):
-        text = Path(text).read_text()
-    return json.loads(text)
+        path = Path(text)
+        if not path.is_file():
+            raise DPDMError(f"{option} '{text}' is neither a JSON object nor an existing .json file")
+        text = path.read_text()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DPDMError(f"{option} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise DPDMError(f"{option} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+# The sections of a cell's resolved settings each command reads (the workflow passes
+# exactly these; see rules/common.smk STAGE_SECTIONS).
+NEEDED_SECTIONS = {
+    "train": ("cell", "data", "model", "diffusion", "train", "privacy"),
+    "sample": ("cell", "sample", "samplers"),
+    "classify": ("cell", "classify"),
+    "judge": ("cell",),
+    "baseline": ("cell", "privacy", "baseline"),
+}
 
 
 def _settings(args: argparse.Namespace) -> dict:
     from dpdm import config as cfg
 
     if args.settings:
-        return _read_json_arg(args.settings)
+        settings = _read_json_arg(args.settings)
+        missing = [k for k in NEEDED_SECTIONS.get(args.command, ()) if k not in settings]
+        if missing:
+            raise DPDMError(f"--settings lacks {', '.join(missing)}, which `{args.command}` needs: pass a cell's "
+                            "resolved settings (as the workflow does), or --config files with --dataset and --eps")
+        return settings
     if args.dataset is None or args.eps is None:
         raise DPDMError("give --settings, or --dataset and --eps (with --config files) to resolve the cell")
     config = cfg.load_config(args.config, args.overrides)
     return cfg.resolve_cell(config, args.dataset, args.eps, args.seed)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def cmd_prepare(args):
@@ -158,7 +196,16 @@ def cmd_report(args):
 def cmd_report_ablation(args):
     from dpdm import report
 
-    report.build_ablation_report(_read_json_arg(args.manifest), out_dir=Path(args.out))
+    report.build_ablation_report(_read_json_arg(args.manifest, "--manifest"), out_dir=Path(args.out))
+
+
+def cmd_check_config(args):
+    from dpdm import config as cfg
+
+    files = args.files or [cfg.PACKAGE_DIR.parent / "config" / "config.yaml"]
+    config = cfg.load_config(files, args.overrides)
+    print(f"{', '.join(map(str, files))}: valid")
+    print(cfg.grid_summary(config, cfg.plan_grid(config)))
 
 
 def cmd_bench(args):
@@ -196,13 +243,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--extractor", default="inception", choices=["inception", "untrained"],
                        help="'untrained' = random weights, for offline TESTS ONLY")
         p.add_argument("--weights", help="Inception weights file (env DPDM_FID_WEIGHTS overrides)")
-        p.add_argument("--batch-size", type=int, default=200)
+        p.add_argument("--batch-size", type=positive_int, default=200)
         p.add_argument("--device", default="auto")
 
     p = sub.add_parser("fid-ref", help="Inception statistics of a real split")
     p.add_argument("--data", required=True, help="prepared dataset folder, e.g. data/mnist")
     p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--num-images", type=int, help="use the split's first N images (default: all)")
+    p.add_argument("--num-images", type=positive_int, help="use the split's first N images (default: all)")
     p.add_argument("--out", required=True)
     add_fid_args(p)
     p.set_defaults(func=cmd_fid_ref)
@@ -212,7 +259,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True, action="append",
                    help="reference statistics (fid-ref); repeat for several splits, the first is the headline FID")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-samples", type=int, help="use the first N samples (default: all)")
+    p.add_argument("--num-samples", type=positive_int, help="use the first N samples (default: all)")
     p.add_argument("--settings", help="cell settings to record in the result (JSON string or file)")
     add_fid_args(p)
     p.set_defaults(func=cmd_fid)
@@ -230,8 +277,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--sampler", required=True, help="a sampler name from the cell's settings.samplers")
     p.add_argument("--out", required=True, help="samples_{sampler}.npz")
     p.add_argument("--grid", help="grid_{sampler}.png")
-    p.add_argument("--num-samples", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-samples", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("classify", help="train a classifier on samples, test on the real test set")
@@ -245,7 +292,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("judge-fit", help="train the judge: a classifier on the REAL training split (private)")
     p.add_argument("--data", required=True, help="prepared dataset folder, e.g. data/mnist")
     p.add_argument("--classifier", default="cnn", choices=["logreg", "mlp", "cnn"])
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--out", required=True, help="judge file, e.g. data/mnist/judge_cnn.pt (private)")
     p.set_defaults(func=cmd_judge_fit)
 
@@ -277,6 +324,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="the ablation's rows (dpdm.config.plan_grid): JSON string or file")
     p.set_defaults(func=cmd_report_ablation)
 
+    p = sub.add_parser("check-config", help="validate config files as the workflow reads them (names the line of "
+                                             "a YAML error) and say what they would train")
+    p.add_argument("files", nargs="*", help="config files in --configfile order (default: config/config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_check_config)
+
     p = sub.add_parser("bench", help="DP-SGD step vs non-private and hook-based steps; sampling; FID features")
     if command in (None, "bench"):
         args_bench(p)
@@ -293,9 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         args.func(args)
-    except DPDMError as e:
+    except DPDMError as e:  # bad input: one line, exit status 2 (as argparse's own errors)
+        if args.verbose:
+            traceback.print_exc()
         print(f"dpdm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: the traceback with -v or DPDM_TRACEBACK=1 (the workflow's logs)
+        if args.verbose or os.environ.get("DPDM_TRACEBACK"):
+            traceback.print_exc()
+        print(f"dpdm {args.command}: internal error: {type(e).__name__}: {e} (this is a bug, not your input; "
+              "rerun with -v for the traceback and report it)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,6 +28,7 @@ import yaml
 
 from dpdm.artifacts import DPDMError
 
+log = logging.getLogger("dpdm")
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULTS_FILE = PACKAGE_DIR / "defaults.yaml"
 SCHEMA_FILE = PACKAGE_DIR / "config.schema.yaml"  # symlink to workflow/schemas/config.schema.yaml
@@ -54,13 +57,36 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does: `1e-5` is a number (YAML 1.1,
+    PyYAML's default, wants `1.0e-5` and reads `1e-5` as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text):
+    """YAML (a string or an open file, whose name errors then cite) -> Python with
+    `_Loader` (numbers like 1e-5 are numbers)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DPDMError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        with path.open() as f:
+            data = yaml_load(f) or {}
+    except yaml.YAMLError as e:  # the message holds the line and column
         raise DPDMError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise DPDMError(f"config file {path} must hold a mapping at the top level")
@@ -72,21 +98,94 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise DPDMError(f"override '{text}' must look like key.sub=value")
     key, value = text.split("=", 1)
-    node: Any = yaml.safe_load(value)
+    try:
+        node: Any = yaml_load(value)
+    except yaml.YAMLError as e:
+        raise DPDMError(f"override '{text}': the value is not valid YAML ({e})") from e
     for part in reversed(key.strip().split(".")):
         node = {part: node}
     return node
 
 
+def parse_strings(value: Any) -> Any:
+    """Values of Snakemake's `--config key=value` arrive as strings (`seeds=[0,1]` as
+    ['0', '1'], `fid={batch_size: 50}` as {'batch_size': '50'}): read each string as YAML,
+    keeping it a string unless it is a number, list, mapping or boolean."""
+    if isinstance(value, dict):
+        return {k: parse_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [parse_strings(v) for v in value]
+    if isinstance(value, str):
+        try:
+            parsed = yaml_load(value)
+        except yaml.YAMLError:
+            return value
+        if isinstance(parsed, (int, float, list, dict)) or (isinstance(parsed, bool) and value.lower() in
+                                                             ("true", "false")):
+            return parse_strings(parsed)
+    return value
+
+
 def load_config(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str | dict] = ()) -> dict:
-    """Defaults, then each file, then each override ('a.b=value' or a dict); validated."""
+    """Defaults, then each file, then each override ('a.b=value' or a dict); validated.
+
+    An override that a more specific level of the config would hide (e.g. `--set
+    defaults.train.epochs=2` when `datasets.mnist.settings.train.epochs` is set) is an
+    error that names the key to set instead."""
     config = read_yaml(DEFAULTS_FILE)
     for f in files:
         config = deep_merge(config, read_yaml(f))
-    for o in overrides:
-        config = deep_merge(config, o if isinstance(o, dict) else parse_override(o))
+    parsed = [o if isinstance(o, dict) else parse_override(o) for o in overrides]
+    for o in parsed:
+        config = deep_merge(config, o)
     validate(config)
+    for o in parsed:
+        _check_not_shadowed(config, o)
     return config
+
+
+def _leaves(tree: Any, prefix: tuple = ()) -> Iterable[tuple]:
+    if isinstance(tree, dict) and tree:
+        for k, v in tree.items():
+            yield from _leaves(v, prefix + (str(k),))
+    else:
+        yield prefix
+
+
+def _check_not_shadowed(config: dict, override: dict) -> None:
+    """Fail when an override sets a key that a dataset or a cell of the grid sets too
+    (the more specific level wins, so the override would silently do nothing there)."""
+    used = {exp["dataset"] for exp in config.get("experiments", [])}
+    used |= {abl["dataset"] for abl in (config.get("ablations") or {}).values()}
+    for path in _leaves(override):
+        if path[:1] == ("defaults",):
+            levels = [(("datasets", ds, "settings"), ds) for ds in sorted(used)]
+            rest = path[1:]
+        elif path[:1] == ("datasets",) and len(path) > 3 and path[2] == "settings":
+            levels, rest = [], path[3:]
+        else:
+            continue
+        for ds in sorted(used) if path[0] == "defaults" else [path[1]]:
+            cells = ((config.get("datasets") or {}).get(ds) or {}).get("cells") or {}
+            levels += [(("datasets", ds, "cells", str(key)), ds) for key in cells]
+        for level, ds in levels:
+            hit = _lookup_path(config, level + rest)
+            if hit is not _MISSING and hit != _lookup_path(override, path):
+                raise DPDMError(
+                    f"override of '{'.'.join(path)}' cannot take effect for dataset {ds}: "
+                    f"'{'.'.join(level + rest)}' = {hit!r} is more specific and wins. "
+                    f"Set '{'.'.join(level + rest)}' instead.")
+
+
+_MISSING = object()
+
+
+def _lookup_path(tree: Any, path: tuple) -> Any:
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
 
 
 # ----------------------------------------------------------------------------
@@ -105,7 +204,7 @@ def validate(config: dict) -> None:
     """
     import jsonschema
 
-    schema = yaml.safe_load(SCHEMA_FILE.read_text())
+    schema = yaml_load(SCHEMA_FILE.read_text())
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -131,6 +230,27 @@ def validate(config: dict) -> None:
     for name in config.get("datasets", {}):
         if name not in known:
             raise DPDMError(f"config key 'datasets.{name}': unknown dataset; choose one of {sorted(known)}")
+    _check_cells(config)
+
+
+def _check_cells(config: dict) -> None:
+    """Each `datasets.<d>.cells` key is an eps (1, 0.2, eps10); one that matches no eps of
+    the grid (experiments, ablations) has no effect: say so."""
+    grid: dict[str, set] = {}
+    for exp in config.get("experiments", []):
+        grid.setdefault(exp["dataset"], set()).update(float(e) for e in exp["eps"])
+    for abl in (config.get("ablations") or {}).values():
+        grid.setdefault(abl["dataset"], set()).update(float(e) for e in abl["eps"])
+    for name, ds in (config.get("datasets") or {}).items():
+        for key in (ds or {}).get("cells") or {}:
+            try:
+                eps = parse_eps(key)
+            except ValueError:
+                raise DPDMError(f"config key 'datasets.{name}.cells.{key}': a cell is keyed by its eps "
+                                f"(e.g. 1, 0.2 or eps10), not '{key}'") from None
+            if name in grid and eps not in grid[name]:
+                log.warning("config key 'datasets.%s.cells.%s' matches no eps of the grid for %s (%s): it has no "
+                            "effect", name, key, name, sorted(grid[name]))
 
 
 # ----------------------------------------------------------------------------
@@ -143,6 +263,7 @@ def eps_tag(eps: float) -> str:
 
 
 def parse_eps(text: str | float) -> float:
+    """'eps10', '10', 10 -> 10.0; ValueError for anything else."""
     text = str(text)
     return float(text[3:] if text.startswith("eps") else text)
 
@@ -353,3 +474,18 @@ def cell_settings(config: dict, plan: CellPlan) -> dict:
     settings = resolve_cell(config, plan.dataset, plan.eps, plan.seed, plan.overrides, plan.variant)
     settings["samplers"] = copy.deepcopy(plan.samplers)
     return settings
+
+
+def grid_summary(config: dict, grid: Grid) -> str:
+    """One line: what this config trains (a dry run prints it before anything runs)."""
+    main = [c for c in grid.cells.values() if not c.variant]
+    extra = len(grid.cells) - len(main)
+    datasets = sorted({c.dataset for c in grid.cells.values()})
+    runs = sum(len(c.samplers) for c in grid.cells.values())
+    train = {**config["resources"].get("default", {}), **config["resources"].get("train", {})}
+    gpus, runtime = int(train.get("gpu", 0)), float(train.get("runtime", 60))
+    budget = (f"; at most {len(grid.cells) * gpus * runtime / 60:.4g} GPU-hours of training "
+              f"(resources.train: {gpus} GPU x {runtime:g} min each)" if gpus else "")
+    return (f"dpdm: {len(grid.cells)} models to train ({len(main)} cells of the grid + {extra} ablation models) "
+            f"on {', '.join(datasets) or 'no dataset'}, {runs} sampler runs{budget}")
+

@@ -49,7 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dpdm import __version__
-from dpdm.artifacts import DPDMError, save_json, save_npz, sha256_file
+from dpdm.artifacts import DPDMError, check_writable, save_json, save_npz, sha256_file, staged_outputs
 
 log = logging.getLogger("dpdm.data")
 
@@ -694,11 +694,7 @@ def prepare(
     """Raw files -> {out_dir}/train.npz, test.npz, meta.json (written last). Returns the meta dict."""
     spec = dataset_spec(dataset)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = out_dir / "meta.json"
-    if stale.exists():  # meta.json marks a finished prepare: drop it before rewriting the npz files
-        stale.unlink()
-
+    check_writable(out_dir, "data folder")
     if dataset == "digits":
         if digits_size not in DIGITS_SIZES:
             raise DPDMError(f"digits_size must be one of {list(DIGITS_SIZES)}, got {digits_size}")
@@ -711,18 +707,29 @@ def prepare(
         splits, preprocessing = _LOADERS[dataset](spec, raw_info)
         resolution = spec.resolution
 
+    # Every raw file has been read and checked: only now replace the previous prepared
+    # set, as a whole (meta.json, which marks it finished, last).
+    with staged_outputs(out_dir, marker="meta.json") as stage:
+        meta = _write_prepared(stage, dataset, spec, splits, resolution, raw_info, preprocessing)
+    log.info("prepared %s in %s: %s", dataset, out_dir, meta["counts"])
+    return meta
+
+
+def _write_prepared(stage: Path, dataset: str, spec: DatasetSpec, splits: dict, resolution: int, raw_info: dict,
+                    preprocessing: dict) -> dict:
+    """Write {stage}/train.npz, test.npz and meta.json; returns the meta dict."""
     counts, class_counts, npz_sha = {}, {}, {}
     for split in SPLITS:
         images, labels = splits[split]
         assert images.dtype == np.uint8 and images.shape[1:] == (resolution, resolution, spec.channels), images.shape
         labels = labels.astype(np.int64)
-        path = out_dir / f"{split}.npz"
+        path = stage / f"{split}.npz"
         save_npz(path, images=images, labels=labels)
         counts[split] = int(len(images))
         if spec.conditional:
             class_counts[split] = np.bincount(labels, minlength=spec.num_classes).tolist()
         npz_sha[split] = sha256_file(path)
-        log.info("wrote %s: %d images %s", path, len(images), images.shape[1:])
+        log.info("wrote %s.npz: %d images %s", split, len(images), images.shape[1:])
     expected = spec.expected_counts
     if expected and any(counts[s] != expected.get(s, counts[s]) for s in SPLITS):
         log.warning("%s: counts %s differ from the official release's %s", dataset, counts, expected)
@@ -747,6 +754,5 @@ def prepare(
         "dpdm_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    save_json(out_dir / "meta.json", meta)
-    log.info("prepared %s in %s: %s", dataset, out_dir, counts)
+    save_json(stage / "meta.json", meta)
     return meta

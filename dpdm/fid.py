@@ -29,6 +29,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -317,12 +318,13 @@ def _load_images(path: Path) -> np.ndarray:
     if not Path(path).is_file():
         raise DPDMError(f"image file {path} does not exist")
     try:
-        with np.load(path) as d:
+        with np.load(path, allow_pickle=False) as d:
             if "images" not in d.files:
                 raise DPDMError(f"{path} has no 'images' array (keys: {d.files})")
             images = d["images"]
-    except (ValueError, OSError) as e:
-        raise DPDMError(f"cannot read {path} as an .npz of images: {e}") from e
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DPDMError(f"cannot read {path} as an .npz of images ({type(e).__name__}: {e}); it is truncated or "
+                        "not an .npz: delete it and rerun the step that writes it") from e
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DPDMError(f"{path}: 'images' must be uint8 NHWC with 1 or 3 channels, got {images.dtype} "
                         f"{images.shape}")
@@ -412,12 +414,17 @@ def load_reference(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DPDMError(f"FID reference statistics {path} do not exist; make them with `python -m dpdm fid-ref`")
-    with np.load(path) as d:
-        ref = {k: (d[k] if k in ("mu", "sigma") else _scalar(d[k])) for k in d.files}
-    for key in ("mu", "sigma", "extractor_name", "extractor_weights"):
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            ref = {k: (d[k] if k in ("mu", "sigma") else d[k].tolist() if k == "image_shape" else _scalar(d[k]))
+                   for k in d.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DPDMError(f"FID reference statistics {path} are truncated or not an .npz ({type(e).__name__}: {e}); "
+                        "delete the file and recompute it with `python -m dpdm fid-ref`") from e
+    for key in ("mu", "sigma", "extractor_name", "extractor_weights", "image_shape"):
         if key not in ref:
             raise DPDMError(f"{path} lacks '{key}': it was not written by `python -m dpdm fid-ref` (statistics "
-                            "must record which extractor made them). Recompute it with `python -m dpdm fid-ref`.")
+                            "must record the extractor and the image shape they were made with). Recompute it with `python -m dpdm fid-ref`.")
     return ref
 
 
@@ -442,6 +449,7 @@ def compute_reference(data_dir, split, out_path, extractor="inception", weights_
         mu=mu,
         sigma=sigma,
         n=np.array(len(images)),
+        image_shape=np.array(images.shape[1:]),  # H, W, C: samples of another shape are refused
         split=np.array(split),
         source_path=np.array(str(data_path)),
         source_sha256=np.array(sha256_file(data_path)),
@@ -451,6 +459,11 @@ def compute_reference(data_dir, split, out_path, extractor="inception", weights_
     log.info("wrote %s: %d %s images, extractor %s (%s)%s", out_path, len(images), split, ident["name"],
              ident["weights"], " TEST ONLY" if ident["test_only"] else "")
     return {"mu": mu, "sigma": sigma, "n": len(images), "extractor": ident}
+
+
+def _shape_text(shape) -> str:
+    h, w, c = (int(v) for v in shape)
+    return f"{h}x{w} {'grayscale' if c == 1 else 'RGB' if c == 3 else f'{c}-channel'}"
 
 
 PRIVATE_SPLIT = "train"  # the split DP training reads: statistics of it are not covered by the guarantee
@@ -482,6 +495,11 @@ def compute_fid(samples_path, ref_path, out_path, extractor="inception", weights
                 "(`python -m dpdm fid-ref`)."
             )
     images = _load_images(Path(samples_path))
+    for path, ref in zip(ref_paths, refs):
+        if tuple(ref["image_shape"]) != images.shape[1:]:
+            raise DPDMError(f"samples {samples_path} are {_shape_text(images.shape[1:])} images but reference {path} "
+                            f"was computed on {_shape_text(ref['image_shape'])} images: compare samples with the "
+                            "statistics of their own dataset")
     if num_samples is not None:
         if num_samples > len(images):
             raise DPDMError(f"--num-samples {num_samples} but {samples_path} holds only {len(images)} images")

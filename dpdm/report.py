@@ -82,8 +82,11 @@ def collect(paths: list[Path], loss_curves: bool = False) -> dict[str, pd.DataFr
     for path in paths:
         found = _classify_path(Path(path))
         if found is None:
-            log.warning("ignoring %s: not a result file this report knows", path)
-            continue
+            raise DPDMError(f"{path} is not a result file in the workflow's layout: the report reads "
+                            "{dataset}/eps{eps}/[{variant}/]seed{seed}/privacy.json, fid_{sampler}.json, "
+                            "classify_{sampler}_{classifier}.json, judge_{sampler}.json (and private/"
+                            "train_metrics.csv) and {dataset}/baseline/eps{eps}/seed{seed}/{classifier}.json; "
+                            "move it there or leave it out")
         kind, info = found
         if "variant" in PATTERNS[kind].groupindex:
             info["variant"] = info.get("variant") or ""

@@ -242,6 +242,18 @@ def save_grid(path, images: np.ndarray, labels: np.ndarray, grid_size: int) -> N
         img.save(tmp, format="PNG")
 
 
+def _check_same_cell(model_path, trained: dict, wanted: dict) -> None:
+    """The model must be the cell's own: samples of another cell's model would be
+    reported (and their ε read) under the wrong cell."""
+    keys = ("dataset", "eps", "seed", "variant")
+    diff = [k for k in keys if k in wanted and trained.get(k, "" if k == "variant" else None) != wanted[k]]
+    if diff:
+        def show(c):
+            return ", ".join(f"{k} {c.get(k)!r}" for k in diff)
+        raise DPDMError(f"model {model_path} was trained for another cell ({show(trained)}), not this one "
+                        f"({show(wanted)}): pass the cell's own model.pt")
+
+
 def generate(settings: dict, model_path, sampler_name: str, out_path, grid_path=None,
              num_samples: int | None = None, batch_size: int | None = None) -> dict:
     """Sample settings["sample"]["num_samples"] images from model.pt's EMA weights with
@@ -258,7 +270,8 @@ def generate(settings: dict, model_path, sampler_name: str, out_path, grid_path=
         raise DPDMError(f"unknown sampler '{sampler_name}'; this cell's settings.samplers defines: "
                         f"{', '.join(sorted(samplers)) or '(none)'}")
     device = pick_device(settings.get("device", "auto"))
-    precond, _, meta = load_model(model_path, device)
+    precond, trained_with, meta = load_model(model_path, device)
+    _check_same_cell(model_path, trained_with.get("cell") or {}, settings.get("cell") or {})
     opts = resolve_sampler(samplers[sampler_name], precond)
     spec = meta["spec"]
     sample_cfg = settings.get("sample", {}) or {}

@@ -8,7 +8,8 @@
 * every step is one DP-SGD step (dpdm.privacy.DPSGD): Poisson batch, K noise draws
   per example, per-example clipped gradients of the K-averaged loss, Gaussian noise,
   division by the expected batch size, Adam; then an EMA of the weights.
-* outputs, each written atomically, in this order:
+* outputs, written into a staging folder and moved into the cell only when all are
+  complete (so a finished cell is never removed before its replacement is whole), in this order:
       {out}/private/train_metrics.csv  per logged step (means over the steps since the last row)
       {out}/private/run.json           sha256 of the training data read, timings (private)
       {out}/model.pt           raw + EMA weights, settings, spec, step (diffusion.save_model)
@@ -48,6 +49,7 @@ from __future__ import annotations
 import copy
 import csv
 import logging
+import os
 import random
 import signal
 import threading
@@ -56,8 +58,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dpdm.artifacts import (DPDMError, atomic_path, pick_device, provenance, save_json, save_torch,
-                            seed_everything, sha256_file, sha256_json)
+from dpdm.artifacts import (DPDMError, atomic_path, check_writable, exclusive_lock, pick_device, provenance,
+                            save_json, save_torch, seed_everything, sha256_file, sha256_json, staged_outputs)
 
 log = logging.getLogger("dpdm.train")
 
@@ -115,6 +117,16 @@ class StopFlag:
     def __init__(self):
         self.signum = None
         self._previous = {}
+        self._parent = os.getppid()
+
+    def reason(self) -> str | None:
+        """Why training should stop now: a signal's name, the parent's death (Snakemake
+        killed: a job must not train on as an orphan that a rerun would duplicate), or None."""
+        if self.signum is not None:
+            return signal.Signals(self.signum).name
+        if self._parent > 1 and os.getppid() != self._parent:
+            return f"the death of the parent process (pid {self._parent})"
+        return None
 
     def __call__(self, signum, frame):
         if signum == self.signum == signal.SIGINT:
@@ -255,6 +267,20 @@ def _dataset_checksum(data_dir: Path, meta: dict) -> str:
     return digest
 
 
+def _check_data_matches(settings: dict, meta: dict, data_dir: Path) -> None:
+    """The prepared data must be the cell's: its dataset, and for digits the size the
+    settings ask for (data.digits_size); otherwise the ledger would describe other data."""
+    cell_ds = (settings.get("cell") or {}).get("dataset")
+    if cell_ds and meta.get("dataset") != cell_ds:
+        raise DPDMError(f"{data_dir} holds the prepared {meta.get('dataset')!r} data, but this cell trains on "
+                        f"{cell_ds!r}: pass --data for {cell_ds}")
+    size = (settings.get("data") or {}).get("digits_size")
+    if meta.get("dataset") == "digits" and size is not None and int(size) != int(meta["resolution"]):
+        raise DPDMError(f"the settings ask for data.digits_size {size} but {data_dir} holds {meta['resolution']}x"
+                        f"{meta['resolution']} digits: prepare them again with --digits-size {size} (or set "
+                        f"data.digits_size: {meta['resolution']})")
+
+
 def private_batch(dp, precond, images, labels, indices, k: int, label_dropout: float) -> tuple:
     """The DP step's per-example inputs (y, label, sigma [B, K], noise [B, K, C, H, W]) for
     the Poisson batch `indices`: images in [-1, 1], and the loss's randomness drawn per
@@ -290,7 +316,7 @@ def plan(settings: dict, num_examples: int) -> dict:
                                          accountant=pr.get("accountant", "rdp"),
                                          calibration=pr.get("calibration", "tight"))
     return {"sample_rate": q, "planned_steps": steps, "noise_multiplier": sigma, "target_eps": float(target_eps),
-            "delta": delta}
+            "delta": delta, "num_examples": int(num_examples)}
 
 
 def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: int | None = None) -> dict:
@@ -299,8 +325,24 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     dp_seed: seed of the Poisson sampling and DP noise (default: $DPDM_DP_SEED if set,
     else secret OS entropy). A known seed makes runs reproducible but not private
     against anyone who knows it; privacy.json records which.
-    Raises SystemExit(EXIT_CHECKPOINTED) after checkpointing when SIGTERM/SIGUSR1 arrives.
+    Raises SystemExit(EXIT_CHECKPOINTED) after checkpointing when SIGTERM/SIGUSR1/SIGINT
+    arrives or the parent process dies. Before any compute, rank 0 checks that the cell
+    and checkpoint folders are writable and takes the cell's lock (one training per cell).
     """
+    from dpdm import privacy
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
+    rank, world, distributed = privacy._distributed()
+    if rank != 0:
+        return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed)
+    check_writable(out_dir, "cell folder")
+    check_writable(checkpoint_dir, "checkpoint folder")
+    with exclusive_lock(out_dir, "cell"):  # one training per cell at a time
+        return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed)
+
+
+def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, dp_seed: int | None) -> dict:
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
@@ -308,8 +350,6 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     from dpdm import data, diffusion, privacy
 
     started = time.time()
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     ckpt_path = checkpoint_dir / CHECKPOINT_NAME
     rank, world, distributed = privacy._distributed()
     tr, pr = settings["train"], settings["privacy"]
@@ -328,6 +368,7 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     if images.shape[1:] != (resolution, resolution, channels):
         raise DPDMError(f"{data_dir}/train.npz holds images {images.shape[1:]}, meta.json says "
                         f"{(resolution, resolution, channels)}; prepare the dataset again")
+    _check_data_matches(settings, meta, data_dir)
     k = int(tr["noise_multiplicity"])
     device = pick_device(settings.get("device", "auto"))
     settings_hash = training_settings_hash(settings)
@@ -368,12 +409,9 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
         records = list(ck["metrics"])
         train_seconds = float(ck["seconds"])
         log.info("resumed from %s at step %d/%d", ckpt_path, dp.steps, planned)
-    elif rank == 0:
-        for name in ("privacy.json", "model.pt", METRICS_FILE):  # never leave stale results beside a new run
-            stale = out_dir / name
-            if stale.exists():
-                log.warning("removing %s from an earlier run", stale)
-                stale.unlink()
+    elif (out_dir / "privacy.json").exists():
+        log.warning("%s holds a finished cell: it stays until this run's outputs are complete, then is replaced",
+                    out_dir)
 
     def save_checkpoint():
         if rank == 0:
@@ -429,7 +467,8 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
                 log.info("step %d/%d epoch %.3f loss %.5f batch %d clipped %.3f grad_norm %.4g eps_rdp %.4f",
                          step, planned, step * q, stats["loss"], stats["batch_size"], stats["frac_clipped"],
                          stats["grad_norm"], records[-1]["eps_rdp"])
-            signalled = stop.signum is not None
+            reason = stop.reason()
+            signalled = reason is not None
             if distributed:  # any rank signalled -> all stop together
                 flag = torch.tensor([1.0 if signalled else 0.0], device=device if dist.get_backend() == "nccl"
                                     else "cpu")
@@ -441,7 +480,7 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
                 save_checkpoint()
                 bar.close()
                 log.warning("received %s: checkpointed at step %d/%d; exiting with status %d so the job is retried",
-                            signal.Signals(stop.signum).name if stop.signum else "a stop signal on another rank",
+                            reason or "a stop signal on another rank",
                             step, planned, EXIT_CHECKPOINTED)
                 raise SystemExit(EXIT_CHECKPOINTED)
             if step % ckpt_every == 0 and step < planned:
@@ -453,25 +492,11 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     # Outputs: metrics, model, then the ledger (last: marks the cell finished).
     summary = {"steps": dp.steps, "noise_multiplier": sigma, "sample_rate": q}
     if rank == 0:
-        write_metrics_csv(out_dir / METRICS_FILE, _metrics_rows(records, log_every, planned))
-        spec = {"resolution": resolution, "channels": channels, "num_classes": num_classes}
-        diffusion.save_model(out_dir / "model.pt", precond, ema, settings, spec, dp.steps)
-        ledger = privacy.privacy_ledger(
-            history=dp.history, num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=float(pr["clip"]),
-            noise_multiplicity=k, delta=delta, target_eps=p["target_eps"],
-            calibration=pr.get("calibration", "tight"), accountant=pr.get("accountant", "rdp"),
-            planned_steps=planned, seed=seed, secret_randomness=dp.secret_randomness,
-            choices=pr["choices_on_private_data"],
-            provenance=provenance(cell=settings.get("cell"), settings=settings,
-                                  private_inputs=[data_dir / "train.npz", data_dir / "meta.json"], device=device))
-        ledger["per_example_gradients"] = dp.per_example_method  # rows (dpdm.example_grads) or vmap
-        ledger["world_size"] = world
-        # Timings depend on the realised (secret) batch sizes: private, with the input hashes.
-        save_json(out_dir / PRIVATE_RUN_FILE, {"inputs": {"train.npz": dataset_sha,
-                                                          "meta.json": sha256_file(data_dir / "meta.json")},
-                                               "data_dir": str(data_dir), "training_seconds": round(train_seconds, 3),
-                                               "wall_time_s": round(time.time() - started, 3)})
-        save_json(out_dir / "privacy.json", ledger)
+        with staged_outputs(out_dir, marker="privacy.json") as stage:  # the old cell stays until this is whole
+            ledger = _write_outputs(stage, settings, p, records, precond, ema, dp, spec={
+                "resolution": resolution, "channels": channels, "num_classes": num_classes},
+                data_dir=data_dir, dataset_sha=dataset_sha, device=device, world=world,
+                train_seconds=train_seconds, started=started)
         if ckpt_path.exists():
             ckpt_path.unlink()
             try:
@@ -486,6 +511,37 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     summary.update(model=str(out_dir / "model.pt"), privacy=str(out_dir / "privacy.json"),
                    metrics=str(out_dir / METRICS_FILE))
     return summary
+
+
+def _write_outputs(stage: Path, settings: dict, p: dict, records: list, precond, ema, dp, spec: dict, data_dir: Path,
+                   dataset_sha: str, device, world: int, train_seconds: float, started: float) -> dict:
+    """Write a finished cell's files into `stage` (dpdm.artifacts.staged_outputs): metrics,
+    model, the private run record, then the ledger. Returns the ledger."""
+    from dpdm import diffusion, privacy
+
+    tr, pr = settings["train"], settings["privacy"]
+    sigma, q, n, delta, planned = (p["noise_multiplier"], p["sample_rate"], p["num_examples"], p["delta"],
+                                   p["planned_steps"])
+    seed, k = int(settings.get("cell", {}).get("seed", 0)), int(tr["noise_multiplicity"])
+    write_metrics_csv(stage / METRICS_FILE, _metrics_rows(records, int(tr["log_every"]), planned))
+    diffusion.save_model(stage / "model.pt", precond, ema, settings, spec, dp.steps)
+    ledger = privacy.privacy_ledger(
+        history=dp.history, num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=float(pr["clip"]),
+        noise_multiplicity=k, delta=delta, target_eps=p["target_eps"],
+        calibration=pr.get("calibration", "tight"), accountant=pr.get("accountant", "rdp"),
+        planned_steps=planned, seed=seed, secret_randomness=dp.secret_randomness,
+        choices=pr["choices_on_private_data"],
+        provenance=provenance(cell=settings.get("cell"), settings=settings,
+                              private_inputs=[data_dir / "train.npz", data_dir / "meta.json"], device=device))
+    ledger["per_example_gradients"] = dp.per_example_method  # rows (dpdm.example_grads) or vmap
+    ledger["world_size"] = world
+    # Timings depend on the realised (secret) batch sizes: private, with the input hashes.
+    save_json(stage / PRIVATE_RUN_FILE, {"inputs": {"train.npz": dataset_sha,
+                                                    "meta.json": sha256_file(data_dir / "meta.json")},
+                                         "data_dir": str(data_dir), "training_seconds": round(train_seconds, 3),
+                                         "wall_time_s": round(time.time() - started, 3)})
+    save_json(stage / "privacy.json", ledger)
+    return ledger
 
 
 def _load_checkpoint(path: Path, settings: dict, settings_hash: str, dataset_sha: str, device) -> dict:

@@ -8,6 +8,7 @@ import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)  # import the repo's dpdm even without `pip install -e .`
+os.environ.setdefault("DPDM_TRACEBACK", "1")  # a job's log keeps the traceback of a bug (dpdm.cli)
 
 from dpdm import config as dpcfg
 from dpdm.artifacts import DPDMError, is_private
@@ -21,10 +22,11 @@ def _load_config():
     given, exactly those files in order; then --config. A user's config thus gets exactly
     the cells it names, not the paper's grid and ablations besides (list
     config/config.yaml first to build on the paper). Snakemake's own merge blends every
-    mapping key by key; jobs get the same --configfiles and --config."""
+    mapping key by key; jobs get the same --configfiles and --config. --config values
+    arrive as strings and are read as YAML (dpdm.config.parse_strings)."""
     cli_files = [os.path.abspath(f) for f in workflow.config_settings.configfiles]
     files = cli_files or list(workflow.configfiles)
-    return dpcfg.load_config(files, [dict(workflow.config_settings.config or {})])
+    return dpcfg.load_config(files, [dpcfg.parse_strings(dict(workflow.config_settings.config or {}))])
 
 
 try:
@@ -34,6 +36,8 @@ try:
     GRID = dpcfg.plan_grid(config)
 except DPDMError as e:
     raise WorkflowError(str(e)) from None
+if workflow.is_main_process:  # not again inside each job
+    print(dpcfg.grid_summary(config, GRID), file=sys.stderr)
 
 LOSS_CURVES = bool(config["report"]["loss_curves"])  # opt-in: training losses are not covered by DP
 FID = bool(config["fid"]["enabled"])  # false: no FID jobs; the tables say "not computed"

@@ -320,7 +320,8 @@ def test_untrained_end_to_end(tmp_path, caplog, monkeypatch):
 def test_refuses_mixed_extractors(tmp_path):
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), n=np.array(5), split=np.array("train"),
-             extractor_name=np.array(fid.INCEPTION_NAME), extractor_weights=np.array(fid.WEIGHTS_SHA256))
+             extractor_name=np.array(fid.INCEPTION_NAME), extractor_weights=np.array(fid.WEIGHTS_SHA256),
+             image_shape=np.array([16, 16, 1]))
     samples = _write_split(tmp_path / "s.npz", _images(3))
     with pytest.raises(DPDMError, match="different feature extractors"):
         fid.compute_fid(samples, ref, tmp_path / "f.json", extractor="untrained", device="cpu")

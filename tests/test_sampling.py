@@ -177,14 +177,15 @@ def cell_settings(num_classes=3, **sampler):
     }
 
 
-def write_model(tmp_path, num_classes=3):
+def write_model(tmp_path, num_classes=3, seed=0, name="model.pt"):
     torch.manual_seed(0)
     settings = cell_settings(num_classes)
+    settings["cell"]["seed"] = seed
     p = build_precond(settings, 8, 1, num_classes)
     with torch.no_grad():  # make the output depend on the weights
         for q in p.parameters():
             q.copy_(torch.randn_like(q) * 0.1)
-    path = tmp_path / "model.pt"
+    path = tmp_path / name
     save_model(path, p, p, settings, {"resolution": 8, "channels": 1, "num_classes": num_classes}, step=1)
     return path, settings
 
@@ -209,11 +210,20 @@ def test_generate_end_to_end(tmp_path):
     generate(settings, model, "fast", out2)
     np.testing.assert_array_equal(read(out2)[0], images)
     np.testing.assert_array_equal(read(out2)[1], labels)
-    # Another seed changes the samples.
-    other = {**settings, "cell": {**settings["cell"], "seed": 1}}
-    generate(other, model, "fast", tmp_path / "seed1.npz")
+    # Another seed's cell (same weights) draws other samples.
+    model1, other = write_model(tmp_path, seed=1, name="model_seed1.pt")
+    generate(other, model1, "fast", tmp_path / "seed1.npz")
     assert not np.array_equal(read(tmp_path / "seed1.npz")[0], images)
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("key,value", [("dataset", "mnist"), ("eps", 1.0), ("seed", 1), ("variant", "K1")])
+def test_generate_refuses_another_cells_model(tmp_path, key, value):
+    model, settings = write_model(tmp_path)
+    wanted = {**settings, "cell": {**settings["cell"], key: value}}
+    with pytest.raises(DPDMError, match=f"another cell .*{key}"):
+        generate(wanted, model, "fast", tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()
 
 
 def test_generate_stochastic_guided_and_fixed_class(tmp_path):
