@@ -161,6 +161,14 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
+def torch_load_error(e: BaseException) -> str:
+    """A one-line reason why torch.load failed (its own messages run to a page)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    if "weights_only" in first or "Weights only" in first:
+        first = "not a file written by dpdm with torch.save"
+    return f"{type(e).__name__}: {first[:200]}"
+
+
 def load_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; DPDMError (naming the file) when it is missing or not JSON."""
     path = Path(path)

@@ -3,7 +3,7 @@ sampling and FID feature extraction.
 
     python -m dpdm bench                      # paper MNIST network; B = 64, K = 4 on CPU
     python -m dpdm bench --dataset celeba32   # CelebA-32's network
-    python -m dpdm bench --quick              # seconds: a tiny network (CI)
+    python -m dpdm bench --quick              # ~30 s on 2 CPU cores: a tiny network (CI)
     python -m dpdm bench --json bench.json    # also write the figures as JSON
 
 Training steps, all on the same batch (B examples, K noise draws each, class labels
@@ -416,7 +416,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "nonprivate and dp are always included)")
     p.add_argument("--no-hooks", action="store_true", help="skip the hook-based reference (it needs B*K*P memory)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    p.add_argument("--quick", action="store_true", help="seconds: tiny network, B = 8, K = 2, 2 repeats")
+    p.add_argument("--quick", action="store_true", help="about 30 s on CPU: tiny network, B = 8, K = 2, 2 repeats")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)  # internal: the CPU memory child

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpdm.artifacts import DPDMError, pick_device, provenance, save_json, sha256_file
+from dpdm.artifacts import DPDMError, pick_device, provenance, save_json, sha256_file, torch_load_error
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ def judge_samples(settings: dict, judge_path, samples_path, out_path) -> dict:
     try:
         judge = torch.load(judge_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DPDMError(f"judge {judge_path} cannot be read ({type(e).__name__}: {e}); delete it and rerun "
+        raise DPDMError(f"judge {judge_path} cannot be read ({torch_load_error(e)}); delete it and rerun "
                         "(python -m dpdm judge-fit)") from e
     spec = judge["spec"]
     images, labels = _read_npz(samples_path, "samples")

@@ -139,11 +139,30 @@ def cmd_fid(args):
     )
 
 
+def _append_log(path: Path) -> None:
+    """Also log to `path`, appending under a numbered attempt header: Snakemake empties a
+    rule's log when a job (or its retry) starts, this file keeps every attempt."""
+    import datetime
+    import socket
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = path.read_text().count("=== attempt ") if path.exists() else 0
+    with path.open("a") as f:
+        f.write(f"=== attempt {previous + 1}: {datetime.datetime.now().isoformat(timespec='seconds')} on "
+                f"{socket.gethostname()}, pid {os.getpid()} ===\n")
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
 def cmd_train(args):
     from dpdm import train
 
+    if args.log_file:
+        _append_log(Path(args.log_file))
     train.train(_settings(args), data_dir=Path(args.data), out_dir=Path(args.out),
-                checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None)
+                checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+                stop_with_parent=args.stop_with_parent)
 
 
 def cmd_sample(args):
@@ -269,6 +288,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared dataset folder, e.g. data/mnist")
     p.add_argument("--out", required=True, help="cell folder: model.pt, privacy.json, train_metrics.csv")
     p.add_argument("--checkpoint-dir", help="where to keep resumable checkpoints (default: OUT/checkpoints)")
+    p.add_argument("--log-file", help="also append the log here, one numbered header per attempt (the workflow: "
+                                      "logs/train_attempts.log)")
+    p.add_argument("--stop-with-parent", action="store_true",
+                   help="checkpoint and exit when the parent process dies (the workflow's jobs: no orphans)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate samples from a trained model")

@@ -157,24 +157,22 @@ def _check_not_shadowed(config: dict, override: dict) -> None:
     (the more specific level wins, so the override would silently do nothing there)."""
     used = {exp["dataset"] for exp in config.get("experiments", [])}
     used |= {abl["dataset"] for abl in (config.get("ablations") or {}).values()}
+    datasets = config.get("datasets") or {}
     for path in _leaves(override):
         if path[:1] == ("defaults",):
-            levels = [(("datasets", ds, "settings"), ds) for ds in sorted(used)]
-            rest = path[1:]
+            names, rest, levels = sorted(used), path[1:], [("datasets", ds, "settings") for ds in sorted(used)]
         elif path[:1] == ("datasets",) and len(path) > 3 and path[2] == "settings":
-            levels, rest = [], path[3:]
+            names, rest, levels = [path[1]], path[3:], []
         else:
             continue
-        for ds in sorted(used) if path[0] == "defaults" else [path[1]]:
-            cells = ((config.get("datasets") or {}).get(ds) or {}).get("cells") or {}
-            levels += [(("datasets", ds, "cells", str(key)), ds) for key in cells]
-        for level, ds in levels:
+        for ds in names:  # the cells' keys as the YAML gave them (1 or "eps1")
+            levels += [("datasets", ds, "cells", key) for key in (datasets.get(ds) or {}).get("cells") or {}]
+        for level in levels:
             hit = _lookup_path(config, level + rest)
             if hit is not _MISSING and hit != _lookup_path(override, path):
-                raise DPDMError(
-                    f"override of '{'.'.join(path)}' cannot take effect for dataset {ds}: "
-                    f"'{'.'.join(level + rest)}' = {hit!r} is more specific and wins. "
-                    f"Set '{'.'.join(level + rest)}' instead.")
+                where = ".".join(map(str, level + rest))
+                raise DPDMError(f"override of '{'.'.join(path)}' cannot take effect for dataset {level[1]}: "
+                                f"'{where}' = {hit!r} is more specific and wins. Set '{where}' instead.")
 
 
 _MISSING = object()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpdm.artifacts import DPDMError, save_torch
+from dpdm.artifacts import DPDMError, save_torch, torch_load_error
 from dpdm.networks import DDPMpp, build_network
 
 MODEL_FORMAT = "dpdm-model-v1"
@@ -366,7 +366,7 @@ def load_model(path, device="cpu"):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or not a torch file
-        raise DPDMError(f"model file {path} cannot be read ({e}); delete it and train again") from e
+        raise DPDMError(f"model file {path} cannot be read ({torch_load_error(e)}); delete it and train again") from e
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise DPDMError(f"model file {path} has format {found!r}, expected {MODEL_FORMAT!r}; "

@@ -120,7 +120,8 @@ def collect(paths: list[Path], loss_curves: bool = False) -> dict[str, pd.DataFr
         elif kind in ("classify", "baseline"):
             info.update(acc=100.0 * data["test_acc"], path=str(Path(path).parent))
             if kind == "classify":
-                info.update(val_acc=100.0 * data["val_acc"], tuned_on=_tuned_on(data, info["sampler"]))
+                info.update(val_acc=100.0 * data["val_acc"], tuned_on=_tuned_on(data, info["sampler"]),
+                            num_synthetic=(data.get("sizes") or {}).get("synthetic"))
             if kind == "baseline":
                 led = data["privacy"]
                 info.update(eps_rdp=led["eps_rdp"], eps_prv=led["eps_prv"], sigma=led["noise_multiplier"],
@@ -237,6 +238,15 @@ def _fid_captions(splits: list[str], untrained: bool, tuned: bool) -> str:
 NOT_COMPUTED = "not computed"
 
 
+def _count_text(clf: pd.DataFrame) -> str:
+    """'10,000 samples per cell', or the range when cells differ (read from the classify results)."""
+    counts = clf["num_synthetic"].dropna().astype(int) if "num_synthetic" in clf else pd.Series(dtype=int)
+    if not len(counts):
+        return "the samples"
+    lo, hi = counts.min(), counts.max()
+    return f"{lo:,} samples per cell" if lo == hi else f"{lo:,} to {hi:,} samples per cell"
+
+
 def table1(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
     """Table 1: FID (per reference split) and Log Reg / MLP / CNN accuracy per (dataset, eps, sampler).
     Without FID results (config fid.enabled: false) the FID column says "not computed"."""
@@ -284,7 +294,7 @@ def table1(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
     wide.index = pd.MultiIndex.from_tuples(wide.index, names=["", "sampler"])
     wide.columns = pd.MultiIndex.from_tuples(wide.columns)
     caption = ("Class-conditional DP image generation: FID and accuracy on the real test set of classifiers trained "
-               "on the samples (see the samples' count in each classify result).")
+               f"on {_count_text(clf)} (90\\% train / 10\\% validation).")
     caption += _fid_captions(splits, untrained, tuned)
     if len(judge):
         caption += (f" Judge: accuracy of a classifier trained on the real training split on the samples' classes "

@@ -59,7 +59,8 @@ from pathlib import Path
 import numpy as np
 
 from dpdm.artifacts import (DPDMError, atomic_path, check_writable, exclusive_lock, pick_device, provenance,
-                            save_json, save_torch, seed_everything, sha256_file, sha256_json, staged_outputs)
+                            save_json, save_torch, seed_everything, sha256_file, sha256_json, staged_outputs,
+                            torch_load_error)
 
 log = logging.getLogger("dpdm.train")
 
@@ -114,10 +115,10 @@ class StopFlag:
     """SIGTERM / SIGUSR1 / SIGINT handler: remember the signal; the loop acts at the end
     of a step (checkpoint, exit EXIT_CHECKPOINTED). A second Ctrl-C aborts at once."""
 
-    def __init__(self):
+    def __init__(self, watch_parent: bool = False):
         self.signum = None
         self._previous = {}
-        self._parent = os.getppid()
+        self._parent = os.getppid() if watch_parent else 0
 
     def reason(self) -> str | None:
         """Why training should stop now: a signal's name, the parent's death (Snakemake
@@ -319,14 +320,17 @@ def plan(settings: dict, num_examples: int) -> dict:
             "delta": delta, "num_examples": int(num_examples)}
 
 
-def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: int | None = None) -> dict:
+def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: int | None = None,
+          stop_with_parent: bool = False) -> dict:
     """Train one cell; write model.pt, privacy.json, private/train_metrics.csv. Returns a summary.
 
     dp_seed: seed of the Poisson sampling and DP noise (default: $DPDM_DP_SEED if set,
     else secret OS entropy). A known seed makes runs reproducible but not private
     against anyone who knows it; privacy.json records which.
     Raises SystemExit(EXIT_CHECKPOINTED) after checkpointing when SIGTERM/SIGUSR1/SIGINT
-    arrives or the parent process dies. Before any compute, rank 0 checks that the cell
+    arrives, or (stop_with_parent: the workflow's jobs) when the parent process dies, so
+    a killed Snakemake leaves no orphan training that a rerun would duplicate; off by
+    default, so `nohup python -m dpdm train ... &` outlives its shell. Before any compute, rank 0 checks that the cell
     and checkpoint folders are writable and takes the cell's lock (one training per cell).
     """
     from dpdm import privacy
@@ -335,14 +339,15 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     rank, world, distributed = privacy._distributed()
     if rank != 0:
-        return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed)
+        return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed, stop_with_parent)
     check_writable(out_dir, "cell folder")
-    check_writable(checkpoint_dir, "checkpoint folder")
     with exclusive_lock(out_dir, "cell"):  # one training per cell at a time
-        return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed)
+        check_writable(checkpoint_dir, "checkpoint folder")
+        return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed, stop_with_parent)
 
 
-def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, dp_seed: int | None) -> dict:
+def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, dp_seed: int | None,
+           stop_with_parent: bool = False) -> dict:
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
@@ -436,7 +441,7 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
         if distributed:
             dist.barrier()
 
-    stop = StopFlag().install()
+    stop = StopFlag(watch_parent=stop_with_parent).install()
     decay, ema_rampup = float(tr["ema_decay"]), tr["ema_rampup"]
     label_dropout = float(tr["label_dropout"])
     log_every, ckpt_every = int(tr["log_every"]), int(tr["checkpoint_every"])
@@ -550,7 +555,7 @@ def _load_checkpoint(path: Path, settings: dict, settings_hash: str, dataset_sha
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DPDMError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start "
+        raise DPDMError(f"checkpoint {path} cannot be read ({torch_load_error(e)}); delete it to start "
                         "this cell over") from e
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise DPDMError(f"checkpoint {path} is not a dpdm training checkpoint ({CHECKPOINT_FORMAT}); delete it")

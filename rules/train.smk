@@ -2,7 +2,10 @@
 # the private training set for the generator). Checkpoints live in the cell's
 # checkpoints/ folder, which is not an output, so a retry after a time limit resumes.
 # `exec`: python replaces the shell, so SLURM's warning signal (slurm_extra
-# --signal=TERM@...) reaches training and nothing around it dies first.
+# --signal=TERM@...) reaches training and nothing around it dies first; and with
+# --stop-with-parent, training checkpoints and exits if Snakemake itself is killed.
+# logs/train.log holds the last attempt (Snakemake empties a log when a job starts);
+# logs/train_attempts.log keeps every attempt, each under a numbered header.
 
 
 rule train:
@@ -16,6 +19,7 @@ rule train:
     params:
         data=lambda wc: data_path(wc.dataset),
         out=lambda wc: results_path(plan_of(wc).path),
+        attempts=lambda wc: results_path(f"{plan_of(wc).path}/logs/train_attempts.log"),  # every attempt's log
         settings=stage_settings("train"),
         code=code_hash("train"),
     priority: 10  # the longest chain: start training first
@@ -30,4 +34,4 @@ rule train:
         "../environment.yml"
     shell:
         "exec python -m dpdm train --settings {params.settings:q} --data {params.data:q}"
-        " --out {params.out:q} >> {log:q} 2>&1"
+        " --out {params.out:q} --stop-with-parent --log-file {params.attempts:q} > {log:q} 2>&1"

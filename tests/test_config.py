@@ -179,3 +179,18 @@ def test_a_later_config_replaces_an_ablation_whole(tmp_path):
     assert "settings" not in c["ablations"]["noise_multiplicity"]
     gone = cfg.load_config([PAPER, write(tmp_path, "ablations: {sampler: null}\n")])
     assert set(gone["ablations"]) == {"noise_multiplicity", "parameterisation"}
+
+
+def test_dependency_pins_agree():
+    """pyproject.toml and environment.yml pin the same Snakemake and SLURM plugin (2.x: the
+    profile's gpu / slurm_extra resources), and the conda environment brings graphviz's
+    `dot`, which the README's rulegraph command needs."""
+    import re
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    env = (REPO / "environment.yml").read_text()
+    for name in ("snakemake", "snakemake-executor-plugin-slurm"):
+        pins = {m for m in re.findall(rf'(?<![\w-]){name}([<>=!,.0-9]+)', pyproject + env)}
+        assert len(pins) == 1, (name, pins)
+    assert ">=2.0,<3" in pins.pop()
+    assert re.search(r"^  - graphviz\b", env, re.M)

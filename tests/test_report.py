@@ -44,8 +44,8 @@ def results(tmp_path):
     for sampler, val, test in (("A", 0.90, 0.50), ("B", 0.80, 0.95)):
         for clf in ("logreg", "mlp", "cnn"):
             files.append(_write(cell / f"classify_{sampler}_{clf}.json",
-                                {"test_acc": test, "val_acc": val, **_settings(sampler, "train-split FID" if
-                                                                                 sampler == "A" else None)}))
+                                {"test_acc": test, "val_acc": val, "sizes": {"synthetic": 10000},
+                                 **_settings(sampler, "train-split FID" if sampler == "A" else None)}))
     led = _ledger(1.0, 0.02, 300, 10.0)
     for clf in ("logreg", "mlp", "cnn"):
         files.append(_write(root / "mnist" / "baseline" / "eps10" / "seed0" / f"{clf}.json",
@@ -75,6 +75,7 @@ def test_report_without_fid_says_not_computed(results, tmp_path):
     # Sampler A was tuned on a non-covered number: flagged in the CSV and the caption.
     assert set(t1.loc[t1["sampler"] == "A", "sampler_tuned_on"]) == {"train-split FID"}
     assert "\\ddag" in tex
+    assert "trained on 10,000 samples per cell" in tex  # read from the results, not written in the code
 
 
 def test_loss_curves_need_the_opt_in(results, tmp_path):

@@ -404,11 +404,15 @@ def test_time_limit_checkpoints_retries_with_a_longer_limit_and_resumes(preempte
             f"{sub.log}: training did not exit {EXIT_CHECKPOINTED} through the job's shell "
             f"(was the shell or Snakemake killed by the signal?):\n{text[-3000:]}")
     # The retry resumed from the checkpoint, not from zero. (Snakemake empties a rule's log
-    # when a job starts, so train.log holds the last attempt only; each attempt's SLURM log
-    # is kept under its own job id.)
+    # when a job starts, so train.log holds the last attempt only; train_attempts.log keeps
+    # every attempt under its header, as does each attempt's SLURM log under its job id.)
     log = (p.cell / "logs" / "train.log").read_text()
     resumed = [int(x) for x in re.findall(r"resumed from \S+ at step (\d+)/", log)]
     assert len(resumed) == 1 and 0 < resumed[0] < p.max_steps, (resumed, log[-3000:])
+    attempts = (p.cell / "logs" / "train_attempts.log").read_text()
+    headers = [int(x) for x in re.findall(r"^=== attempt (\d+): ", attempts, re.M)]
+    assert headers == list(range(1, len(trains) + 1)), (headers, attempts[-3000:])
+    assert attempts.count("received SIGTERM") == len(trains) - 1 and attempts.count("resumed from") == len(trains) - 1
     assert "from an earlier run" not in log
     # The ledger counts every step exactly once.
     ledger = json.loads((p.cell / "privacy.json").read_text())

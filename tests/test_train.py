@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -215,8 +216,9 @@ def test_cli_train_outputs_and_sigterm(tmp_path, digits_dir):
     settings_file = tmp_path / "settings.json"
     settings_file.write_text(json.dumps(settings))
     out = tmp_path / "cell"
+    attempts = tmp_path / "logs" / "train_attempts.log"
     cmd = [sys.executable, "-m", "dpdm", "train", "--settings", str(settings_file), "--data", str(digits_dir),
-           "--out", str(out)]
+           "--out", str(out), "--log-file", str(attempts)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     env.pop(privacy.DP_SEED_ENV, None)
@@ -240,6 +242,11 @@ def test_cli_train_outputs_and_sigterm(tmp_path, digits_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr
     assert not (out / "checkpoints").exists()
+    # The attempts log keeps both runs, each under its header (Snakemake empties a rule's log per job).
+    log_text = attempts.read_text()
+    assert [int(x) for x in re.findall(r"^=== attempt (\d+): ", log_text, re.M)] == [1, 2], log_text
+    first, second = log_text.split("=== attempt 2")
+    assert "received SIGTERM" in first and "resumed from" in second and "done:" in second
 
     ledger = json.loads((out / "privacy.json").read_text())
     assert ledger["steps"] == ledger["planned_steps"] == 8
@@ -294,3 +301,105 @@ def test_ema_warms_up_so_a_short_run_samples_trained_weights(tmp_path, digits_di
 
     # the EMA has left the initialisation nearly as far as the raw weights (constant 0.999: about 2 %)
     assert moved(state["ema"]) > 0.5 * moved(state["model"])
+
+
+# ----------------------------------------------------------------------------
+# A finished cell is never lost; one training per cell; no orphans (issue: first week).
+
+
+def _hashes(out: Path) -> dict:
+    import hashlib
+
+    return {f: hashlib.sha256((out / f).read_bytes()).hexdigest()
+            for f in ("model.pt", "privacy.json", train.METRICS_FILE, train.PRIVATE_RUN_FILE)}
+
+
+def test_a_finished_cell_stays_until_its_replacement_is_complete(tmp_path, digits_dir, monkeypatch):
+    settings = tiny_settings(max_steps=2)
+    out = tmp_path / "cell"
+    train.train(settings, digits_dir, out)
+    finished = _hashes(out)
+    # A rerun that crashes half-way (or is killed) leaves the finished cell as it was.
+    with monkeypatch.context() as m:
+        _crash_at(m, 2)
+        with pytest.raises(RuntimeError, match="simulated node failure"):
+            train.train(settings, digits_dir, out)
+    assert _hashes(out) == finished
+    # A disk that fills up while the outputs are written: the error names the file and
+    # the reason (not torch's "unexpected pos"), and nothing of the new run is left.
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "model.pt" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1014272 vs 1014160")
+        return real_save(obj, f, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk)
+        with pytest.raises(DPDMError, match=r"cannot write .*model\.pt: .*unexpected pos.*MiB free"):
+            train.train(settings, digits_dir, out)
+    assert _hashes(out) == finished
+    assert not list(out.glob(".staging-*")) and not list(out.rglob("*.tmp*"))
+    # A complete rerun replaces every file (the DP randomness is secret: new weights).
+    train.train(settings, digits_dir, out)
+    new = _hashes(out)
+    assert all(new[f] != finished[f] for f in ("model.pt", "privacy.json", train.PRIVATE_RUN_FILE)), new
+    assert json.loads((out / "privacy.json").read_text())["steps"] == 2
+    assert not list(out.glob(".staging-*"))
+
+
+def _env():
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    env.pop(privacy.DP_SEED_ENV, None)
+    return env
+
+
+def test_one_training_per_cell(tmp_path, digits_dir):
+    """A second training of a cell in use stops at once, naming the holder."""
+    out = tmp_path / "cell"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dpdm.artifacts import exclusive_lock\n"
+         f"with exclusive_lock({str(out)!r}, 'cell'):\n    print('locked', flush=True); time.sleep(120)"],
+        env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.time()
+        with pytest.raises(DPDMError, match=rf"cell {out} is in use by pid {holder.pid} on host \S+") as e:
+            train.train(tiny_settings(max_steps=2), digits_dir, out)
+        assert time.time() - t0 < 30 and "checkpoint" in str(e.value)
+        assert not (out / "checkpoints").exists() and not (out / "model.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.train(tiny_settings(max_steps=1), digits_dir, out)["steps"] == 1  # the kernel freed the lock
+
+
+def test_training_checkpoints_and_stops_when_its_parent_dies(tmp_path, digits_dir):
+    """Snakemake killed with -9: its train job must not run on as an orphan (that a rerun
+    would duplicate); it checkpoints and exits like on SIGTERM."""
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(json.dumps(tiny_settings(epochs=100, max_steps=2000, checkpoint_every=1000)))
+    out, log = tmp_path / "cell", tmp_path / "train.log"
+    cmd = (f"{sys.executable} -m dpdm train --settings {settings_file} --data {digits_dir} --out {out} "
+           f"--stop-with-parent > {log} 2>&1 & echo $!; wait")
+    parent = subprocess.Popen(["bash", "-c", cmd], env=_env(), stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    deadline = time.time() + 120
+    while "INFO step 3/2000" not in (log.read_text() if log.exists() else ""):
+        assert time.time() < deadline and parent.poll() is None, log.read_text()
+        time.sleep(0.2)
+    parent.kill()  # SIGKILL: the parent cannot pass anything on
+    parent.wait()
+    deadline = time.time() + 60
+    while "exiting with status" not in log.read_text():
+        assert time.time() < deadline, log.read_text()
+        time.sleep(0.2)
+    text = log.read_text()
+    assert f"the death of the parent process (pid {parent.pid})" in text, text
+    ck = torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert 3 <= ck["step"] < 2000
+    status, deadline = Path(f"/proc/{child}/status"), time.time() + 60
+    while status.exists() and "zombie" not in status.read_text():  # python's own shutdown takes a moment
+        assert time.time() < deadline, "the orphan is still running"
+        time.sleep(0.2)

@@ -146,6 +146,25 @@ def test_bad_config_stops_the_workflow_naming_the_key(dry_workdir, override, key
     assert f"'{key}'" in p.stdout + p.stderr
 
 
+def test_overrides_are_read_as_users_write_them(dry_workdir):
+    """--config values arrive as strings from Snakemake; YAML 1e-5 is a number; the dry
+    run says in one line what will be trained."""
+    (dry_workdir / "delta.yaml").write_text("experiments: [{dataset: digits, eps: [1]}]\n"
+                                            "defaults: {privacy: {delta: 1e-5}}\nfid: {enabled: false}\n")
+    p = run_snakemake(["-n", "all", "--configfile", "delta.yaml", "--config", "seeds=[0,1]",
+                       "fid={batch_size: 50, enabled: false}", "--quiet", "rules"], cwd=dry_workdir)
+    assert job_counts(p.stdout + p.stderr)["train"] == 2  # seeds 0 and 1
+    assert "dpdm: 2 models to train (2 cells of the grid + 0 ablation models) on digits" in p.stdout + p.stderr
+
+
+def test_an_override_that_cannot_take_effect_stops_the_workflow(dry_workdir):
+    p = run_snakemake(["-n", "all", "--configfile", "config/smoke.yaml", "--config", "defaults={train: {epochs: 2}}"],
+                      cwd=dry_workdir, check=False)
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert "cannot take effect" in out and "'datasets.digits.settings.train.epochs'" in out
+
+
 # ----------------------------------------------------------------------------
 # The smoke pipeline, end to end.
 
