@@ -194,3 +194,20 @@ def test_dependency_pins_agree():
         assert len(pins) == 1, (name, pins)
     assert ">=2.0,<3" in pins.pop()
     assert re.search(r"^  - graphviz\b", env, re.M)
+
+
+def test_documented_commands_put_targets_before_configfile():
+    """`--configfile` swallows every word after it (Snakemake then fails with a traceback
+    naming the target as a missing file): every documented command puts its targets first."""
+    import re
+
+    for doc in ("README.md", "config/README.md", "docs/results.md", "docs/benchmarks.md", "Snakefile"):
+        for line in (REPO / doc).read_text().splitlines():
+            if "as a file" in line or "snakemake " not in line.split("--configfile")[0]:  # prose, and
+                continue  # README's example of the mistake itself
+            for m in re.finditer(r"--configfile((?: +[^\s`#|&;>)]+)+)", line):
+                words = m.group(1).split()
+                for w in words:
+                    if w.startswith("-"):
+                        break
+                    assert w.endswith((".yaml", ".yml", ".json")) or "{" in w, f"{doc}: '{w}' after --configfile: {line}"

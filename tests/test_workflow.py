@@ -368,6 +368,19 @@ def test_nothing_to_do_after_the_smoke_run(smoke):
 
 
 @pytest.mark.workflow
+def test_the_readme_report_command_for_smoke_works(smoke):
+    """README: `snakemake --report results/smoke/report.html --configfile config/smoke.yaml`."""
+    work, _ = smoke
+    readme = (REPO / "README.md").read_text()
+    cmd = "snakemake --report results/smoke/report.html --configfile config/smoke.yaml"
+    assert cmd in readme
+    run_snakemake(cmd.split()[1:], cwd=work, timeout=600)
+    html = (work / "results" / "smoke" / "report.html").read_text(errors="replace")
+    assert "table1.csv" in html and "samples_digits.png" in html
+    assert not (work / "results" / "report.html").exists()
+
+
+@pytest.mark.workflow
 def test_a_code_change_reruns_the_rules_that_use_the_module(smoke):
     work, _ = smoke
     sampling = work / "dpdm" / "sampling.py"
