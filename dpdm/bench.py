@@ -12,7 +12,7 @@ with label dropout), timed alternately after a warm-up; the median of the repeat
 1. `nonprivate`: one forward/backward of the K-averaged loss over the B x K rows and
    an Adam step (the floor: what the same training costs without privacy);
 2. `dp`: our DP-SGD step as training runs it (dpdm.privacy.DPSGD: exact per-example
-   gradients of the K-averaged loss by rows, dpdm.example_grads; clipping, Gaussian
+   gradients of the K-averaged loss by rows, dpdm.privacy.rows; clipping, Gaussian
    noise, Adam); `dp_vmap`: the same step with per-example gradients by torch.func vmap
    (the generic method, for any model);
 3. `hooks`: the approach of the paper's released code, for comparison only: stock

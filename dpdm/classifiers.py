@@ -629,6 +629,7 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
         history=[[sigma, q, steps_taken]], num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=clip,
         noise_multiplicity=1, delta=delta, target_eps=target_eps, calibration=calibration, accountant=accountant,
         planned_steps=steps, seed=seed, provenance=None, secret_randomness=dp_seed is None,
+        per_example_gradients="opacus GradSampleModule hooks",
         covers=[f"the trained {classifier} (last epoch)", "its test accuracy and the per-epoch test accuracies "
                 "(`curves`: the model evaluated on the public test set)"],
         not_covered=[f"private/{Path(out_path).stem}.json: training losses, realised batch sizes and timings "

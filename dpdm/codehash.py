@@ -23,12 +23,14 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 ALWAYS = ("__init__", "__main__", "cli")  # what `python -m dpdm` itself runs
 
 
-def _module_file(name: str) -> Path | None:
-    """The file of dpdm module `name` (a module or a sub-package), or None."""
-    for path in (PACKAGE_DIR / f"{name}.py", PACKAGE_DIR / name / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
+def _module_files(name: str) -> list[Path]:
+    """The files of dpdm module `name`: [name.py], or every .py of sub-package `name`
+    (a package counts as one unit: a change to any of its modules reruns its users)."""
+    if (PACKAGE_DIR / f"{name}.py").is_file():
+        return [PACKAGE_DIR / f"{name}.py"]
+    if (PACKAGE_DIR / name / "__init__.py").is_file():
+        return sorted((PACKAGE_DIR / name).glob("*.py"))
+    return []
 
 
 def _dpdm_imports(tree: ast.AST) -> set[str]:
@@ -44,7 +46,7 @@ def _dpdm_imports(tree: ast.AST) -> set[str]:
                 found |= {a.name for a in node.names} | {"__init__"}
             elif node.module and node.module.startswith("dpdm."):
                 found.add(node.module.split(".")[1])
-    return {name for name in found if _module_file(name) is not None}
+    return {name for name in found if _module_files(name)}
 
 
 def _parse(path: Path) -> ast.Module:
@@ -72,8 +74,7 @@ def modules_of(command: str) -> tuple[str, ...]:
             seen.add(name)
             continue
         seen.add(name)
-        path = _module_file(name)
-        if path is not None:
+        for path in _module_files(name):
             todo |= _dpdm_imports(_parse(path)) - seen
     return tuple(sorted(seen))
 
@@ -82,6 +83,6 @@ def code_hash(command: str) -> str:
     """sha256 (16 hex digits) over the names and contents of modules_of(command)."""
     h = hashlib.sha256()
     for name in modules_of(command):
-        path = _module_file(name)
-        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+        for path in _module_files(name):
+            h.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]

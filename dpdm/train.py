@@ -337,7 +337,7 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
-    rank, world, distributed = privacy._distributed()
+    rank, world, distributed = privacy.rank_world()
     if rank != 0:
         return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed, stop_with_parent)
     check_writable(out_dir, "cell folder")
@@ -356,7 +356,7 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
 
     started = time.time()
     ckpt_path = checkpoint_dir / CHECKPOINT_NAME
-    rank, world, distributed = privacy._distributed()
+    rank, world, distributed = privacy.rank_world()
     tr, pr = settings["train"], settings["privacy"]
     seed = int(settings.get("cell", {}).get("seed", 0))
     dp_seed = privacy.dp_seed_from_env(dp_seed)
@@ -535,11 +535,9 @@ def _write_outputs(stage: Path, settings: dict, p: dict, records: list, precond,
         noise_multiplicity=k, delta=delta, target_eps=p["target_eps"],
         calibration=pr.get("calibration", "tight"), accountant=pr.get("accountant", "rdp"),
         planned_steps=planned, seed=seed, secret_randomness=dp.secret_randomness,
-        choices=pr["choices_on_private_data"],
+        choices=pr["choices_on_private_data"], per_example_gradients=dp.per_example_method, world_size=world,
         provenance=provenance(cell=settings.get("cell"), settings=settings,
                               private_inputs=[data_dir / "train.npz", data_dir / "meta.json"], device=device))
-    ledger["per_example_gradients"] = dp.per_example_method  # rows (dpdm.example_grads) or vmap
-    ledger["world_size"] = world
     # Timings depend on the realised (secret) batch sizes: private, with the input hashes.
     save_json(stage / PRIVATE_RUN_FILE, {"inputs": {"train.npz": dataset_sha,
                                                     "meta.json": sha256_file(data_dir / "meta.json")},

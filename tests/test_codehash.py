@@ -18,8 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_training_hashes_every_module_that_computes_its_gradients():
     mods = set(codehash.modules_of("train"))
-    # example_grads computes every per-example gradient; it is imported by privacy only.
-    assert {"train", "privacy", "example_grads", "diffusion", "networks", "data", "config", "cli"} <= mods
+    # privacy is a package: its modules (rows computes every per-example gradient) count as one.
+    assert {"train", "privacy", "diffusion", "networks", "data", "config", "cli"} <= mods
+    files = [f.name for f in codehash._module_files("privacy")]
+    assert {"__init__.py", "rows.py", "per_example.py", "mechanism.py", "accounting.py"} <= set(files)
     assert not mods & {"bench", "report", "sampling", "fid", "classifiers"}
 
 
@@ -29,7 +31,7 @@ def test_commands_hash_only_what_they_import():
                     "report", "report-ablation"):
         assert "bench" not in codehash.modules_of(command), command  # bench's options are built by bench only
     assert "bench" in codehash.modules_of("bench")
-    assert "example_grads" in codehash.modules_of("baseline")  # DP-SGD classifiers use the same gradients
+    assert "privacy" in codehash.modules_of("baseline")  # DP-SGD classifiers use the same accounting
 
 
 def test_unknown_command_is_an_error():
@@ -52,6 +54,11 @@ def test_the_hash_follows_a_new_import(tmp_path, monkeypatch):
         sampling.write_text(sampling.read_text() + "\n\ndef _late():\n    from dpdm import classifiers  # noqa\n")
         codehash.modules_of.cache_clear()
         assert "classifiers" in codehash.modules_of("sample") and codehash.code_hash("sample") != before
+        # A module inside a sub-package changes its users' hash.
+        train_before = codehash.code_hash("train")
+        rows = pkg / "privacy" / "rows.py"
+        rows.write_text(rows.read_text() + "\n# edited\n")
+        assert codehash.code_hash("train") != train_before
     finally:
         codehash.modules_of.cache_clear()
 

@@ -592,7 +592,7 @@ def test_adding_one_example_changes_the_clipped_sum_by_at_most_c_now_and_nothing
     assert 0 < diff <= clip * (1 + 1e-4)
     # the next step, x* not sampled: identical draws, identical clipped sums
     for dp in (with_x, without):
-        dp.steps += 1
+        dp.accountant.step(dp.noise_multiplier, dp.sample_rate)  # as if the step's update were applied
     later = [1, 5, 6, 22]
     c, d = inputs(with_x, later), inputs(without, later)
     for t_c, t_d in zip(c, d):

@@ -429,10 +429,11 @@ def _dry_run_after_appending(work, module: str) -> dict[str, int]:
 
 @pytest.mark.workflow
 def test_a_change_to_per_example_gradients_retrains(smoke):
-    """example_grads.py computes every DP gradient: changing it retrains every model and
-    reruns the DP-SGD baselines (before: the train rule's hand-kept module list left it out)."""
+    """privacy/rows.py computes every DP gradient: changing it retrains every model and
+    reruns the DP-SGD baselines (before: the train rule's hand-kept module list left out
+    the module that computed them)."""
     work, _ = smoke
-    counts = _dry_run_after_appending(work, "example_grads")
+    counts = _dry_run_after_appending(work, "privacy/rows")
     assert counts.get("train") == 3 and counts.get("baseline") == 2 and "prepare" not in counts, counts
 
 

@@ -1,4 +1,4 @@
-"""Exact per-example gradients when every example is R rows of one batch (noise multiplicity).
+"""Exact per-example gradients by rows: every example is R rows of one batch (noise multiplicity).
 
 With noise multiplicity an example's loss averages its K noisy copies, which go through
 the network as K rows of the batch. Its gradient is therefore, for every layer,
@@ -14,12 +14,13 @@ numbers (P = parameters), never B x R x P like per-row hooks (the released DPDM 
 computes per-row gradients with Opacus and averages them afterwards).
 
 Requirements, checked or tested:
-* every trainable parameter belongs to a supported layer (dpdm.networks' Linear, Conv2d
-  and GroupNorm; torch's Linear, Conv2d with stride 1 / no dilation / no groups,
-  GroupNorm, Embedding), each called once per forward; otherwise `unsupported` names them;
+* every trainable parameter belongs to a layer with a rule in `RULES` (dpdm.networks'
+  Linear, Conv2d and GroupNorm; torch's Linear, Conv2d with stride 1 / no dilation / no
+  groups, GroupNorm, Embedding), each called once per forward; otherwise `unsupported`
+  names them. `register_rule` adds a layer type, as Opacus' `register_grad_sampler` does;
 * rows are example-major (example b owns rows b*R .. b*R + R - 1) and no operation mixes
   rows of different examples (GroupNorm and attention act per row; BatchNorm would not).
-  dpdm.privacy.DPSGD verifies this on its first step against torch.func per-example
+  dpdm.privacy.mechanism.DPSGD verifies this on its first step against torch.func per-example
   gradients (an op that mixed rows would make the sensitivity bound false).
 """
 
@@ -29,21 +30,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpdm import networks
+
+
+# ----------------------------------------------------------------------------
+# The rules: layer type -> (module, input a [B*R, ...], backprop g [B*R, ...], B) ->
+# {param: [B, *param.shape]}. A rule may come with a condition on the module (torch's
+# Conv2d: only stride 1, no dilation, no groups, zero padding given as numbers).
+
+RULES: dict[type, tuple] = {}
+
+
+def register_rule(*layer_types, when=None):
+    """Decorator: `fn` computes the per-example gradients of layers of these types."""
+
+    def register(fn):
+        for t in layer_types:
+            RULES[t] = (fn, when)
+        return fn
+
+    return register
+
 
 def _rule(module):
-    from dpdm import networks
-
-    if isinstance(module, (networks.Linear, nn.Linear)):
-        return _linear
-    if isinstance(module, networks.Conv2d):
-        return _conv2d
-    if isinstance(module, nn.Conv2d) and module.stride == (1, 1) and module.dilation == (1, 1) \
-            and module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        return _conv2d
-    if isinstance(module, (networks.GroupNorm, nn.GroupNorm)):
-        return _group_norm
-    if isinstance(module, nn.Embedding) and module.max_norm is None:
-        return _embedding
+    """The rule for `module` (looked up along its class hierarchy), or None."""
+    for cls in type(module).__mro__:
+        if cls in RULES:
+            fn, when = RULES[cls]
+            return fn if when is None or when(module) else None
     return None
 
 
@@ -60,10 +74,12 @@ def unsupported(model) -> list[str]:
     return bad
 
 
-# ----------------------------------------------------------------------------
-# Per-layer rules: (module, input a [B*R, ...], backprop g [B*R, ...], B) -> {param: [B, *param.shape]}
+def _plain_conv(m) -> bool:
+    return (m.stride == (1, 1) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
 
 
+@register_rule(networks.Linear, nn.Linear)
 def _linear(m, a, g, b):
     a, g = a.reshape(b, -1, a.shape[-1]).to(g.dtype), g.reshape(b, -1, g.shape[-1])
     out = {m.weight: torch.einsum("bro,bri->boi", g, a)}
@@ -72,6 +88,7 @@ def _linear(m, a, g, b):
     return out
 
 
+@register_rule(networks.Conv2d)
 def _conv2d(m, a, g, b):
     """Per-example weight gradients of a stride-1 convolution over each example's R rows.
 
@@ -102,6 +119,10 @@ def _conv2d(m, a, g, b):
     return out
 
 
+register_rule(nn.Conv2d, when=_plain_conv)(_conv2d)
+
+
+@register_rule(networks.GroupNorm, nn.GroupNorm)
 def _group_norm(m, a, g, b):
     c = a.shape[1]
     normalised = F.group_norm(a.to(g.dtype), m.num_groups, eps=m.eps)
@@ -113,6 +134,7 @@ def _group_norm(m, a, g, b):
     return out
 
 
+@register_rule(nn.Embedding, when=lambda m: m.max_norm is None)
 def _embedding(m, a, g, b):
     """Row r's gradient is g_r in the row of its index; an example sums its rows."""
     index = a.reshape(b, -1)
@@ -125,7 +147,7 @@ def _embedding(m, a, g, b):
 # The gradients.
 
 
-def per_example_grads(model, batch_loss_fn, examples):
+def rows_grads(model, batch_loss_fn, examples):
     """(grads, losses): grads maps each trainable parameter name to its [B, *shape]
     per-example gradients of batch_loss_fn(model, *examples) -> per-example losses [B].
 

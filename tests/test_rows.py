@@ -1,4 +1,4 @@
-"""Per-example gradients by rows (dpdm.example_grads): exact against one autograd pass
+"""Per-example gradients by rows (dpdm.privacy.rows): exact against one autograd pass
 per example, on DDPM++ and on torch's own layers; the DP mechanism verifies them and
 refuses a model that mixes rows of different examples."""
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpdm import diffusion, example_grads, privacy
+from dpdm import diffusion, privacy
 from dpdm.artifacts import DPDMError
 
 SETTINGS = {"model": {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
@@ -37,8 +37,8 @@ def _ddpmpp_batch(num_classes, k, n=5, seed=1):
 @pytest.mark.parametrize("k", [1, 4])
 def test_rows_equal_one_autograd_pass_per_example_on_ddpmpp(num_classes, k):
     precond, batch = _ddpmpp_batch(num_classes, k)
-    assert example_grads.unsupported(precond) == []
-    fast, losses = example_grads.per_example_grads(precond, diffusion.examples_loss, batch)
+    assert privacy.unsupported(precond) == []
+    fast, losses = privacy.per_example_grads(precond, diffusion.examples_loss, batch, method="rows")
     ref, ref_losses = privacy.per_example_grads_loop(precond, diffusion.example_loss, batch)
     assert set(fast) == set(ref)
     for name in ref:
@@ -52,7 +52,7 @@ def test_rows_equal_one_autograd_pass_per_example_on_ddpmpp(num_classes, k):
 
 class TorchLayers(nn.Module):
     """torch's own Linear, Conv2d, GroupNorm and Embedding, K rows per example; the
-    convolutions take both paths of example_grads' rule: pointwise (1x1, no padding)
+    convolutions take both paths of the rows method's Conv2d rule: pointwise (1x1, no padding)
     and grouped (3x3, 5x5, and a padded 1x1 that grows the image)."""
 
     def __init__(self):
@@ -87,7 +87,7 @@ def test_rows_on_torch_layers():
     model = TorchLayers()
     g = torch.Generator().manual_seed(2)
     batch = (torch.randn(4, 1, 5, 5, generator=g), torch.tensor([0, 3, 1, 3]), torch.randn(4, 3, 1, 5, 5, generator=g))
-    fast, _ = example_grads.per_example_grads(model, _torch_batch_loss, batch)
+    fast, _ = privacy.per_example_grads(model, _torch_batch_loss, batch, method="rows")
     ref, _ = privacy.per_example_grads_loop(model, _torch_loss, batch)
     for name in ref:
         assert _rel(fast[name], ref[name]) < 1e-5, name
@@ -122,18 +122,47 @@ def test_unsupported_layers_fall_back_to_vmap():
     class WithPReLU(TorchLayers):
         def __init__(self):
             super().__init__()
-            self.act = nn.PReLU()  # a trainable layer example_grads has no rule for
+            self.act = nn.PReLU()  # a trainable layer the rows method has no rule for
 
         def forward(self, x, labels):
             return self.act(super().forward(x, labels))
 
     torch.manual_seed(0)
     model = WithPReLU()
-    assert example_grads.unsupported(model) == ["act.weight"]
+    assert privacy.unsupported(model) == ["act.weight"]
     g = torch.Generator().manual_seed(4)
     batch = (torch.randn(3, 1, 5, 5, generator=g), torch.tensor([0, 1, 2]), torch.randn(3, 2, 1, 5, 5, generator=g))
     dp = _dp(_torch_batch_loss)
     dp.step(model, batch)
     assert dp.per_example_method == "vmap"
     with pytest.raises(ValueError, match="act.weight"):
-        example_grads.per_example_grads(model, _torch_batch_loss, batch)
+        privacy.per_example_grads(model, _torch_batch_loss, batch, method="rows")
+
+
+def test_a_registered_rule_adds_a_layer_type(monkeypatch):
+    """The per-layer rules are a lookup table keyed by layer type (like Opacus'
+    register_grad_sampler): a rule for PReLU makes the rows method exact for it."""
+    from dpdm.privacy import rows
+
+    class WithPReLU(TorchLayers):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.PReLU()
+
+        def forward(self, x, labels):
+            return self.act(super().forward(x, labels))
+
+    def prelu(m, a, g, b):  # d out / d w = min(a, 0) for the single shared slope
+        return {m.weight: (g * a.clamp(max=0)).reshape(b, -1).sum(dim=1, keepdim=True)}
+
+    monkeypatch.setattr(rows, "RULES", dict(rows.RULES))  # registered for this test only
+    privacy.register_rule(nn.PReLU)(prelu)
+    torch.manual_seed(0)
+    model = WithPReLU()
+    assert privacy.unsupported(model) == []
+    g = torch.Generator().manual_seed(5)
+    batch = (torch.randn(3, 1, 5, 5, generator=g), torch.tensor([0, 1, 2]), torch.randn(3, 2, 1, 5, 5, generator=g))
+    fast, _ = privacy.per_example_grads(model, _torch_batch_loss, batch, method="rows")
+    ref, _ = privacy.per_example_grads_loop(model, _torch_loss, batch)
+    for name in ref:
+        assert _rel(fast[name], ref[name]) < 1e-5, name
