@@ -240,6 +240,7 @@ def args_bench(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+# Long but flat: one block of options per command, read top to bottom.
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; `command` (the one being run; None: all) skips other commands' heavy options."""
     parser = argparse.ArgumentParser(prog="python -m dpdm", description=__doc__.splitlines()[0])

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import logging
 import os
 import random
@@ -55,6 +56,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -346,8 +348,58 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
         return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed, stop_with_parent)
 
 
+@dataclasses.dataclass
+class TrainState:
+    """What a training run carries from step to step, and a checkpoint holds: the
+    denoiser, its EMA, Adam, the mechanism (its Poisson-sampling and noise generators,
+    the per-example key and the accountant's history), the metrics so far and the
+    seconds spent. `checkpoint` and `restore` are exact inverses (with the global RNG
+    states), so a resumed run continues bit for bit."""
+
+    precond: Any
+    ema: Any
+    optimizer: Any
+    dp: Any
+    records: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def checkpoint(self, guard: dict) -> dict:
+        """The checkpoint: `guard` (what a resume must match: settings, data, plan) and the state."""
+        return {"format": CHECKPOINT_FORMAT, **guard, "step": self.dp.steps,
+                "model": self.precond.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "dp": self.dp.state_dict(), "rng": _rng_state(),
+                "metrics": self.records, "seconds": self.seconds}
+
+    def restore(self, ck: dict) -> None:
+        self.precond.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.dp.load_state_dict(ck["dp"])
+        _set_rng_state(ck["rng"])
+        self.records = list(ck["metrics"])
+        self.seconds = float(ck["seconds"])
+
+
+def _stop_reason(stop: StopFlag, distributed: bool, device) -> str | None:
+    """Why to stop after this step (a signal, the parent's death), agreed by all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    reason = stop.reason()
+    if distributed:  # any rank stopping -> all stop together
+        flag = torch.tensor([0.0 if reason is None else 1.0], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and reason is None:
+            reason = "a stop signal on another rank"
+    return reason
+
+
+# Longer than most functions here on purpose: the whole loop reads top to bottom in one place.
 def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, dp_seed: int | None,
            stop_with_parent: bool = False) -> dict:
+    """The loop of DPDM's Algorithm 1: sample a Poisson batch, take a DP-SGD step on its
+    K-noised copies, update the EMA; checkpoint every train.checkpoint_every steps or on
+    a stop request; write the outputs at the end."""
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
@@ -358,61 +410,25 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
     ckpt_path = checkpoint_dir / CHECKPOINT_NAME
     rank, world, distributed = privacy.rank_world()
     tr, pr = settings["train"], settings["privacy"]
-    seed = int(settings.get("cell", {}).get("seed", 0))
-    dp_seed = privacy.dp_seed_from_env(dp_seed)
+    d = _load_training_data(settings, data_dir)
+    p, n, device = plan(settings, d["n"]), d["n"], pick_device(settings["device"])
+    q, planned, sigma, delta = p["sample_rate"], p["planned_steps"], p["noise_multiplier"], p["delta"]
+    k, label_dropout, log_every = int(tr["noise_multiplicity"]), float(tr["label_dropout"]), int(tr["log_every"])
 
-    # Data (train split only) and the plan.
-    meta = data.load_meta(data_dir)
-    images, labels = data.load_split(data_dir, "train")
-    dataset_sha = _dataset_checksum(data_dir, meta)
-    n = len(images)
-    p = plan(settings, n)
-    q, planned, sigma = p["sample_rate"], p["planned_steps"], p["noise_multiplier"]
-    resolution, channels = int(meta["resolution"]), int(meta["channels"])
-    num_classes = int(meta.get("num_classes", 0) or 0)
-    if images.shape[1:] != (resolution, resolution, channels):
-        raise DPDMError(f"{data_dir}/train.npz holds images {images.shape[1:]}, meta.json says "
-                        f"{(resolution, resolution, channels)}; prepare the dataset again")
-    _check_data_matches(settings, meta, data_dir)
-    k = int(tr["noise_multiplicity"])
-    device = pick_device(settings.get("device", "auto"))
-    settings_hash = training_settings_hash(settings)
-
-    # Model, EMA, optimizer, mechanism, random streams.
-    seed_everything(seed)
-    precond = diffusion.build_precond(settings, resolution, channels, num_classes).to(device)
-    ema = copy.deepcopy(precond).requires_grad_(False).eval()
+    seed_everything(int(settings["cell"]["seed"]))  # the initial weights: public, from the cell seed
+    precond = diffusion.build_precond(settings, d["resolution"], d["channels"], d["num_classes"]).to(device)
     optimizer = torch.optim.Adam(precond.parameters(), lr=float(tr["lr"]))
     dp = privacy.DPSGD(diffusion.example_loss, noise_multiplier=sigma, max_grad_norm=float(pr["clip"]),
                        num_examples=n, sample_rate=q, optimizer=optimizer,
-                       physical_batch_size=tr.get("physical_batch_size"), grad_chunk_size=tr.get("grad_chunk_size"),
-                       dp_seed=dp_seed, device=device, batch_loss_fn=diffusion.examples_loss)
-    if not dp.secret_randomness:
-        log.warning("Poisson sampling, DP noise and per-example loss randomness follow a fixed seed (dp_seed / %s): "
-                    "reproducible, but NOT secret",
-                    privacy.DP_SEED_ENV)
-    images_t = torch.from_numpy(images)
-    labels_t = torch.from_numpy(labels) if num_classes > 0 else None
-    records: list[dict] = []
-    train_seconds = 0.0
-
-    log.info("cell %s: N = %d, q = %.6g (expected batch %.1f), planned steps %d (%.4g epochs), sigma = %.6g "
-             "(%s calibration, %s accountant), C = %g, K = %d, %d parameters, device %s",
-             settings.get("cell"), n, q, q * n, planned, planned * q, sigma, pr.get("calibration", "tight"),
-             pr.get("accountant", "rdp"), float(pr["clip"]), k, sum(t.numel() for t in precond.parameters()), device)
-
+                       physical_batch_size=tr["physical_batch_size"], grad_chunk_size=tr["grad_chunk_size"],
+                       dp_seed=privacy.dp_seed_from_env(dp_seed), device=device, batch_loss_fn=diffusion.examples_loss)
+    state = TrainState(precond, copy.deepcopy(precond).requires_grad_(False).eval(), optimizer, dp)
+    guard = {"settings_hash": training_settings_hash(settings), "training_settings": training_settings(settings),
+             "dataset_sha256": d["sha256"], "device_type": device.type, "planned_steps": planned,
+             "noise_multiplier": sigma}
+    _log_plan(settings, p, n, k, precond, device, dp.secret_randomness)
     if ckpt_path.exists():
-        ck = _load_checkpoint(ckpt_path, settings, settings_hash, dataset_sha, device)
-        if ck["planned_steps"] != planned or ck["noise_multiplier"] != sigma:
-            raise DPDMError(f"checkpoint {ckpt_path} planned {ck['planned_steps']} steps at sigma "
-                            f"{ck['noise_multiplier']}, this run {planned} at {sigma}; delete {ckpt_path}")
-        precond.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        optimizer.load_state_dict(ck["optimizer"])
-        dp.load_state_dict(ck["dp"])
-        _set_rng_state(ck["rng"])
-        records = list(ck["metrics"])
-        train_seconds = float(ck["seconds"])
+        state.restore(_load_checkpoint(ckpt_path, settings, guard))
         log.info("resumed from %s at step %d/%d", ckpt_path, dp.steps, planned)
     elif (out_dir / "privacy.json").exists():
         log.warning("%s holds a finished cell: it stays until this run's outputs are complete, then is replaced",
@@ -420,134 +436,145 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
 
     def save_checkpoint():
         if rank == 0:
-            save_torch(ckpt_path, {
-                "format": CHECKPOINT_FORMAT,
-                "settings_hash": settings_hash,
-                "training_settings": training_settings(settings),
-                "dataset_sha256": dataset_sha,
-                "device_type": device.type,
-                "step": dp.steps,
-                "planned_steps": planned,
-                "noise_multiplier": sigma,
-                "model": precond.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "dp": dp.state_dict(),  # Poisson-sampling and DP-noise generators, accountant history
-                "rng": _rng_state(),
-                "metrics": records,
-                "seconds": train_seconds,
-            })
+            save_torch(ckpt_path, state.checkpoint(guard))
             log.info("checkpoint at step %d -> %s", dp.steps, ckpt_path)
         if distributed:
             dist.barrier()
 
+    images, labels = torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]) if d["num_classes"] else None
     stop = StopFlag(watch_parent=stop_with_parent).install()
-    decay, ema_rampup = float(tr["ema_decay"]), tr["ema_rampup"]
-    label_dropout = float(tr["label_dropout"])
-    log_every, ckpt_every = int(tr["log_every"]), int(tr["checkpoint_every"])
-    delta = p["delta"]
+    bar = tqdm(total=planned, initial=dp.steps, desc=f"train {settings['cell']['eps_tag']}", unit="step",
+               disable=rank != 0, dynamic_ncols=True)
     try:
         precond.train()
-        bar = tqdm(total=planned, initial=dp.steps, desc=f"train {settings.get('cell', {}).get('eps_tag', '')}",
-                   unit="step", disable=rank != 0, dynamic_ncols=True)
         while dp.steps < planned:
             t0 = time.time()
             idx = dp.sample()
-            y = data.to_model_range(images_t[idx]).to(device)
-            stats = dp.step(precond, private_batch(dp, precond, y, None if labels_t is None else labels_t[idx],
-                                                   idx, k, label_dropout))
-            update_ema(ema, precond, ema_decay_at(dp.steps, q * n, decay, ema_rampup))
-            train_seconds += time.time() - t0
-            step = dp.steps
-            logged = step % log_every == 0 or step == planned
-            records.append({
-                "step": step, "epoch": step * q, "loss": stats["loss"], "batch_size": stats["batch_size"],
-                "frac_clipped": stats["frac_clipped"], "grad_norm": stats["grad_norm"],
-                "eps_rdp": dp.epsilon(delta, "rdp") if logged else None,
-                "lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds,
-            })
-            bar.update(1)
-            if logged:
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", eps=f"{records[-1]['eps_rdp']:.3f}")
-                log.info("step %d/%d epoch %.3f loss %.5f batch %d clipped %.3f grad_norm %.4g eps_rdp %.4f",
-                         step, planned, step * q, stats["loss"], stats["batch_size"], stats["frac_clipped"],
-                         stats["grad_norm"], records[-1]["eps_rdp"])
-            reason = stop.reason()
-            signalled = reason is not None
-            if distributed:  # any rank signalled -> all stop together
-                flag = torch.tensor([1.0 if signalled else 0.0], device=device if dist.get_backend() == "nccl"
-                                    else "cpu")
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                signalled = bool(flag.item() > 0)
-            if signalled and step == planned:
+            y = data.to_model_range(images[idx]).to(device)
+            stats = dp.step(precond, private_batch(dp, precond, y, None if labels is None else labels[idx], idx, k,
+                                                   label_dropout))
+            update_ema(state.ema, precond, ema_decay_at(dp.steps, q * n, float(tr["ema_decay"]), tr["ema_rampup"]))
+            state.seconds += time.time() - t0
+            _record_step(state, stats, p, bar, log_every)
+            reason = _stop_reason(stop, distributed, device)
+            if reason is not None and dp.steps == planned:
                 log.warning("received a stop signal during the last step: writing the outputs instead of a checkpoint")
-            elif signalled:
+            elif reason is not None:
                 save_checkpoint()
-                bar.close()
                 log.warning("received %s: checkpointed at step %d/%d; exiting with status %d so the job is retried",
-                            reason or "a stop signal on another rank",
-                            step, planned, EXIT_CHECKPOINTED)
+                            reason, dp.steps, planned, EXIT_CHECKPOINTED)
                 raise SystemExit(EXIT_CHECKPOINTED)
-            if step % ckpt_every == 0 and step < planned:
+            if dp.steps % int(tr["checkpoint_every"]) == 0 and dp.steps < planned:
                 save_checkpoint()
-        bar.close()
     finally:
+        bar.close()
         stop.restore()
 
-    # Outputs: metrics, model, then the ledger (last: marks the cell finished).
-    summary = {"steps": dp.steps, "noise_multiplier": sigma, "sample_rate": q}
+    summary = {"steps": dp.steps, "noise_multiplier": sigma, "sample_rate": q, "model": str(out_dir / "model.pt"),
+               "privacy": str(out_dir / "privacy.json"), "metrics": str(out_dir / METRICS_FILE)}
     if rank == 0:
         with staged_outputs(out_dir, marker="privacy.json") as stage:  # the old cell stays until this is whole
-            ledger = _write_outputs(stage, settings, p, records, precond, ema, dp, spec={
-                "resolution": resolution, "channels": channels, "num_classes": num_classes},
-                data_dir=data_dir, dataset_sha=dataset_sha, device=device, world=world,
-                train_seconds=train_seconds, started=started)
-        if ckpt_path.exists():
-            ckpt_path.unlink()
-            try:
-                checkpoint_dir.rmdir()
-            except OSError:
-                pass
+            ledger = _write_outputs(stage, settings, p, state, d, data_dir=data_dir, device=device, world=world,
+                                    started=started)
+        _remove_checkpoint(ckpt_path)
         log.info("done: %d steps, eps_rdp = %.4f, eps_prv = %s (target %g, delta %g) -> %s", dp.steps,
                  ledger["eps_rdp"], ledger["eps_prv"], p["target_eps"], delta, out_dir)
         summary.update(eps_rdp=ledger["eps_rdp"], eps_prv=ledger["eps_prv"])
     if distributed:
         dist.barrier()
-    summary.update(model=str(out_dir / "model.pt"), privacy=str(out_dir / "privacy.json"),
-                   metrics=str(out_dir / METRICS_FILE))
     return summary
 
 
-def _write_outputs(stage: Path, settings: dict, p: dict, records: list, precond, ema, dp, spec: dict, data_dir: Path,
-                   dataset_sha: str, device, world: int, train_seconds: float, started: float) -> dict:
+def _load_training_data(settings: dict, data_dir: Path) -> dict:
+    """The prepared train split (only it: the test split is never read here), checked
+    against meta.json and the settings."""
+    from dpdm import data
+
+    meta = data.load_meta(data_dir)
+    images, labels = data.load_split(data_dir, "train")
+    resolution, channels = int(meta["resolution"]), int(meta["channels"])
+    if images.shape[1:] != (resolution, resolution, channels):
+        raise DPDMError(f"{data_dir}/train.npz holds images {images.shape[1:]}, meta.json says "
+                        f"{(resolution, resolution, channels)}; prepare the dataset again")
+    _check_data_matches(settings, meta, data_dir)
+    return {"images": images, "labels": labels, "n": len(images), "resolution": resolution, "channels": channels,
+            "num_classes": int(meta.get("num_classes") or 0), "sha256": _dataset_checksum(data_dir, meta)}
+
+
+def _log_plan(settings: dict, p: dict, n: int, k: int, precond, device, secret: bool) -> None:
+    pr = settings["privacy"]
+    q = p["sample_rate"]
+    log.info("cell %s: N = %d, q = %.6g (expected batch %.1f), planned steps %d (%.4g epochs), sigma = %.6g "
+             "(%s calibration, %s accountant), C = %g, K = %d, %d parameters, device %s", settings["cell"], n, q,
+             q * n, p["planned_steps"], p["planned_steps"] * q, p["noise_multiplier"], pr["calibration"],
+             pr["accountant"], float(pr["clip"]), k, sum(t.numel() for t in precond.parameters()), device)
+    if not secret:
+        from dpdm.privacy import DP_SEED_ENV
+
+        log.warning("Poisson sampling, DP noise and per-example loss randomness follow a fixed seed (dp_seed / %s): "
+                    "reproducible, but NOT secret", DP_SEED_ENV)
+
+
+def _record_step(state: TrainState, stats: dict, p: dict, bar, log_every: int) -> None:
+    """Append the step's metrics (private: computed without noise), advance the bar, log."""
+    step, q, planned = state.dp.steps, p["sample_rate"], p["planned_steps"]
+    logged = step % log_every == 0 or step == planned
+    state.records.append({
+        "step": step, "epoch": step * q, "loss": stats["loss"], "batch_size": stats["batch_size"],
+        "frac_clipped": stats["frac_clipped"], "grad_norm": stats["grad_norm"],
+        "eps_rdp": state.dp.epsilon(p["delta"], "rdp") if logged else None,
+        "lr": state.optimizer.param_groups[0]["lr"], "seconds": state.seconds,
+    })
+    bar.update(1)
+    if logged:
+        eps = state.records[-1]["eps_rdp"]
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", eps=f"{eps:.3f}")
+        log.info("step %d/%d epoch %.3f loss %.5f batch %d clipped %.3f grad_norm %.4g eps_rdp %.4f", step, planned,
+                 step * q, stats["loss"], stats["batch_size"], stats["frac_clipped"], stats["grad_norm"], eps)
+
+
+def _remove_checkpoint(ckpt_path: Path) -> None:
+    """A finished cell needs no checkpoint (it holds the mechanism's secret randomness)."""
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+        try:
+            ckpt_path.parent.rmdir()
+        except OSError:
+            pass
+
+
+def _write_outputs(stage: Path, settings: dict, p: dict, state: TrainState, d: dict, data_dir: Path, device,
+                   world: int, started: float) -> dict:
     """Write a finished cell's files into `stage` (dpdm.artifacts.staged_outputs): metrics,
     model, the private run record, then the ledger. Returns the ledger."""
     from dpdm import diffusion, privacy
 
-    tr, pr = settings["train"], settings["privacy"]
+    tr, pr, dp = settings["train"], settings["privacy"], state.dp
     sigma, q, n, delta, planned = (p["noise_multiplier"], p["sample_rate"], p["num_examples"], p["delta"],
                                    p["planned_steps"])
-    seed, k = int(settings.get("cell", {}).get("seed", 0)), int(tr["noise_multiplicity"])
-    write_metrics_csv(stage / METRICS_FILE, _metrics_rows(records, int(tr["log_every"]), planned))
-    diffusion.save_model(stage / "model.pt", precond, ema, settings, spec, dp.steps)
+    seed, k = int(settings["cell"]["seed"]), int(tr["noise_multiplicity"])
+    write_metrics_csv(stage / METRICS_FILE, _metrics_rows(state.records, int(tr["log_every"]), planned))
+    spec = {"resolution": d["resolution"], "channels": d["channels"], "num_classes": d["num_classes"]}
+    diffusion.save_model(stage / "model.pt", state.precond, state.ema, settings, spec, dp.steps)
     ledger = privacy.privacy_ledger(
         history=dp.history, num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=float(pr["clip"]),
         noise_multiplicity=k, delta=delta, target_eps=p["target_eps"],
-        calibration=pr.get("calibration", "tight"), accountant=pr.get("accountant", "rdp"),
-        planned_steps=planned, seed=seed, secret_randomness=dp.secret_randomness,
+        calibration=pr["calibration"], accountant=pr["accountant"], planned_steps=planned, seed=seed, secret_randomness=dp.secret_randomness,
         choices=pr["choices_on_private_data"], per_example_gradients=dp.per_example_method, world_size=world,
         provenance=provenance(cell=settings.get("cell"), settings=settings,
                               private_inputs=[data_dir / "train.npz", data_dir / "meta.json"], device=device))
     # Timings depend on the realised (secret) batch sizes: private, with the input hashes.
-    save_json(stage / PRIVATE_RUN_FILE, {"inputs": {"train.npz": dataset_sha,
+    save_json(stage / PRIVATE_RUN_FILE, {"inputs": {"train.npz": d["sha256"],
                                                     "meta.json": sha256_file(data_dir / "meta.json")},
-                                         "data_dir": str(data_dir), "training_seconds": round(train_seconds, 3),
+                                         "data_dir": str(data_dir), "training_seconds": round(state.seconds, 3),
                                          "wall_time_s": round(time.time() - started, 3)})
     save_json(stage / "privacy.json", ledger)
     return ledger
 
 
-def _load_checkpoint(path: Path, settings: dict, settings_hash: str, dataset_sha: str, device) -> dict:
+def _load_checkpoint(path: Path, settings: dict, guard: dict) -> dict:
+    """The checkpoint at `path`, refused (with the fix) unless it matches `guard`: the
+    same training settings, the same train.npz, the same device type and plan."""
     import torch
 
     try:
@@ -557,16 +584,19 @@ def _load_checkpoint(path: Path, settings: dict, settings_hash: str, dataset_sha
                         "this cell over") from e
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise DPDMError(f"checkpoint {path} is not a dpdm training checkpoint ({CHECKPOINT_FORMAT}); delete it")
-    if ck["settings_hash"] != settings_hash:
+    if ck["settings_hash"] != guard["settings_hash"]:
         keys = _differing_keys(ck.get("training_settings") or {}, training_settings(settings))
         raise DPDMError(
             f"checkpoint {path} is from a different config (training settings differ: "
             f"{', '.join(keys[:8]) or 'unknown keys'}). Delete {path} to train this config from scratch, "
             "or pass a different --checkpoint-dir.")
-    if ck["dataset_sha256"] != dataset_sha:
+    if ck["dataset_sha256"] != guard["dataset_sha256"]:
         raise DPDMError(f"checkpoint {path} was trained on a different train.npz (sha256 {ck['dataset_sha256']}, "
-                        f"now {dataset_sha}); delete {path} to start over")
-    if ck["device_type"] != device.type:
+                        f"now {guard['dataset_sha256']}); delete {path} to start over")
+    if ck["device_type"] != guard["device_type"]:
         raise DPDMError(f"checkpoint {path} was written on {ck['device_type']} and cannot be resumed exactly on "
-                        f"{device.type}; run on {ck['device_type']} (settings device) or delete {path}")
+                        f"{guard['device_type']}; run on {ck['device_type']} (settings device) or delete {path}")
+    if ck["planned_steps"] != guard["planned_steps"] or ck["noise_multiplier"] != guard["noise_multiplier"]:
+        raise DPDMError(f"checkpoint {path} planned {ck['planned_steps']} steps at sigma {ck['noise_multiplier']}, "
+                        f"this run {guard['planned_steps']} at {guard['noise_multiplier']}; delete {path}")
     return ck
