@@ -25,10 +25,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from dpdm import __version__
-
-
-class DPDMError(RuntimeError):
-    """A user-facing error: the message names the problem and the fix."""
+from dpdm.devices import device_name
+from dpdm.errors import DPDMError  # noqa: F401 - re-exported: most modules import it from here
 
 
 # ----------------------------------------------------------------------------
@@ -240,15 +238,6 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def device_name(device: Any = None) -> str:
-    import torch
-
-    device = torch.device(device) if device is not None else pick_device()
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-
-
 # Private side of the results: folders whose files hold private data, statistics of it
 # computed without noise, or the mechanism's secret randomness. Everything else under
 # paths.results may be published (it is the DP mechanism's output or post-processing of
@@ -294,76 +283,7 @@ def provenance(
 
 
 # ----------------------------------------------------------------------------
-# Devices and seeds.
-
-
-def pick_device(preference: str = "auto"):
-    """CUDA when there is one (or when asked), CPU otherwise. `preference`: auto, cpu,
-    cuda or cuda:N (the config's `device`)."""
-    import re
-
-    import torch
-
-    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", str(preference)):
-        raise DPDMError(f"device '{preference}' is not one of auto, cpu, cuda, cuda:N")
-
-    if preference == "auto":
-        if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    if preference.startswith("cuda") and not torch.cuda.is_available():
-        raise DPDMError(f"device '{preference}' was requested but CUDA is not available; use --device cpu or auto")
-    return torch.device(preference)
-
-
-KEEP_FREED_MEMORY_ENV = "DPDM_KEEP_FREED_MEMORY"
-_freed_memory_kept = False
-
-
-def _libc(name: str):
-    """glibc's function `name`, or None (macOS, musl, ...)."""
-    import ctypes
-
-    try:
-        return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
-        return None
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory in the process (True if it took effect).
-
-    A CPU training step allocates and frees gigabytes of tensors. By default glibc
-    maps every large block (above a threshold that starts at 128 KiB and rises to at
-    most 32 MiB) afresh and unmaps it on free, so each step faults its memory in again
-    as zero-filled pages: on the 2-core CI machine 3.3 GiB and a fifth of a DP step's
-    time (docs/benchmarks.md). Reusing the memory, as CUDA's caching allocator does,
-    changes no result, only when the OS gets memory back: at exit, not at each free.
-    Set DPDM_KEEP_FREED_MEMORY=0 to keep glibc's defaults; other C libraries are left
-    alone."""
-    global _freed_memory_kept
-    mallopt = _libc("mallopt")
-    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0" or mallopt is None:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # Blocks up to 1 GiB come from the heap, and up to 2 GiB of free heap stays mapped.
-    _freed_memory_kept = bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
-    return _freed_memory_kept
-
-
-def freed_memory_kept() -> bool:
-    """Whether keep_freed_memory took effect in this process."""
-    return _freed_memory_kept
-
-
-def release_freed_memory() -> None:
-    """Give the process's free heap memory back to the OS now (glibc malloc_trim): after
-    keep_freed_memory a process holds its peak, so call this between phases of different
-    sizes, e.g. before starting a child process that needs the memory."""
-    malloc_trim = _libc("malloc_trim")
-    if malloc_trim is not None:
-        malloc_trim(0)
+# Seeds.
 
 
 def seed_everything(seed: int) -> None:

@@ -47,7 +47,10 @@ import time
 
 import torch
 
-from dpdm.artifacts import atomic_path, freed_memory_kept, pick_device, release_freed_memory
+from dpdm.artifacts import atomic_path
+from dpdm.devices import pick_device
+from dpdm.memory import freed_memory_kept, release_freed_memory
+from dpdm.networks import count_parameters
 
 log = logging.getLogger("dpdm.bench")
 
@@ -82,7 +85,7 @@ class Setup:
         self.device = device
         self.precond = diffusion.build_precond(settings, resolution, channels, classes).to(device)
         self.optimizer = torch.optim.Adam(self.precond.parameters(), lr=3e-4)
-        self.params = sum(p.numel() for p in self.precond.parameters())
+        self.params = count_parameters(self.precond)
         self.batch, self.k, self.classes = batch, k, classes
         gen = torch.Generator(device=device).manual_seed(seed)
         self.y = torch.rand([batch, channels, resolution, resolution], generator=gen, device=device) * 2 - 1
@@ -342,7 +345,7 @@ def run(args) -> dict:
         "grad_chunk_size": args.chunk,
         "model_params": setup.params,
         "repeats": args.repeats,
-        "malloc_keeps_freed_memory": freed_memory_kept(),  # set by the CLI (dpdm.artifacts.keep_freed_memory)
+        "malloc_keeps_freed_memory": freed_memory_kept(),  # set by the CLI (dpdm.memory.keep_freed_memory)
         "nonprivate_ex_per_s": args.batch / med["nonprivate"],
         "dp_ex_per_s": args.batch / med["dp"],
         "dp_time_ratio": med["dp"] / med["nonprivate"],

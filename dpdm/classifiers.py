@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpdm.artifacts import DPDMError, pick_device, provenance, save_json, sha256_file, torch_load_error
+from dpdm.artifacts import DPDMError, provenance, save_json, sha256_file, torch_load_error
+from dpdm.devices import pick_device
+from dpdm.networks import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +247,8 @@ def _predict(model, x, batch_size: int = EVAL_BATCH_SIZE):
 
 
 def _accuracy(model, x, y, *, split: str = "", batch_size: int = EVAL_BATCH_SIZE) -> float:
-    """Top-1 accuracy of `model` on uint8 images `x`, labels `y`."""
+    """Top-1 accuracy of `model` on uint8 images `x`, labels `y` (`split` names the set for
+    tests that check which one a selection reads)."""
     return int((_predict(model, x, batch_size) == y).sum()) / max(len(y), 1)
 
 
@@ -268,10 +271,6 @@ def _train_epoch(model, optimizer, x, y, batch_size: int, generator) -> tuple[fl
         loss_sum += float(loss.detach()) * len(b)
         correct += int((logits.detach().argmax(1) == y[b]).sum())
     return loss_sum, correct
-
-
-def _num_params(model) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
 
 
 def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -377,7 +376,7 @@ def classify(settings: dict, samples_path, test_path, classifier: str, out_path)
         "seed": seed,
         "hyperparameters": {"optimizer": "adam", "lr": lr, "batch_size": batch_size, "epochs": epochs,
                             "input_scaling": INPUT_SCALING, "loss": "cross-entropy"},
-        "num_params": _num_params(model),
+        "num_params": count_parameters(model),
         "curves": curves,
         "timing": {"train_s": round(train_s, 3), "total_s": round(time.time() - started, 3)},
         "samples_path": str(samples_path),
@@ -655,7 +654,7 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
         "hyperparameters": {"optimizer": "adam (on clipped, noised gradients)", "lr": lr, "batch_size": batch_size,
                             "epochs": epochs, "clip": clip, "input_scaling": INPUT_SCALING,
                             "loss": "cross-entropy"},
-        "num_params": _num_params(model),
+        "num_params": count_parameters(model),
         "privacy": ledger,
         "curves": {k: curves[k] for k in ("epoch", "step", "test_acc")},
         "data_dir": str(data_dir),

@@ -16,7 +16,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from dpdm.artifacts import DPDMError, keep_freed_memory
+from dpdm.artifacts import DPDMError
+from dpdm.memory import keep_freed_memory
 
 log = logging.getLogger("dpdm")
 

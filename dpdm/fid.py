@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from dpdm.artifacts import DPDMError, atomic_path, pick_device, provenance, save_json, save_npz, sha256_file
+from dpdm.artifacts import DPDMError, atomic_path, provenance, save_json, save_npz, sha256_file
+from dpdm.devices import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class InceptionFeatures:
     On CPU a batch goes through the network CPU_CHUNK images at a time: large calls are
     slower there (2 cores, 96 images in one process: 8.4 images/s at 16 per call, 6.1 at
     96), mostly from faulting in fresh memory for the 299x299 activations (system time
-    3.1 s against 9.1 s; with dpdm.artifacts.keep_freed_memory, as the CLI runs, 10.5
+    3.1 s against 9.1 s; with dpdm.memory.keep_freed_memory, as the CLI runs, 10.5
     images/s at 16 and 7.8 at 96). Features are per image (eval mode), so the chunking
     changes nothing but float rounding."""
 

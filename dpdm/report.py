@@ -147,7 +147,8 @@ def main_cells(df: pd.DataFrame) -> pd.DataFrame:
 # Formatting.
 
 
-def _mean_std(values: pd.Series, digits: int) -> tuple[float, float, int]:
+def _mean_std(values: pd.Series) -> tuple[float, float, int]:
+    """Mean, sample std (NaN for one value) and count of the non-missing values."""
     v = values.dropna().to_numpy(dtype=float)
     if len(v) == 0:
         return np.nan, np.nan, 0
@@ -168,13 +169,9 @@ def aggregate(df: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
     rows = []
     for k, g in df.groupby(keys, sort=True):
         k = k if isinstance(k, tuple) else (k,)
-        mean, std, n = _mean_std(g[value], 0)
+        mean, std, n = _mean_std(g[value])
         rows.append(dict(zip(keys, k), mean=mean, std=std, n=n))
     return pd.DataFrame(rows)
-
-
-def eps_label(eps: float) -> str:
-    return f"ε={eps:g}"
 
 
 def _latex_eps(eps: float) -> str:
@@ -271,7 +268,7 @@ def table1(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
             tidy.update(fid_mean=np.nan, fid_std=np.nan, fid_status=NOT_COMPUTED)
             wide[(PRETTY_DATASET.get(ds, ds), "FID")] = NOT_COMPUTED
         for split in splits:
-            m, s_, n = _mean_std(g[f"fid_{split}"], 1) if len(g) else (np.nan, np.nan, 0)
+            m, s_, n = _mean_std(g[f"fid_{split}"]) if len(g) else (np.nan, np.nan, 0)
             tidy.update({f"fid_{split}_mean": m, f"fid_{split}_std": s_,
                          f"fid_{split}_covered_by_dp": split != "train"})
             wide[(PRETTY_DATASET.get(ds, ds), _fid_column(split, untrained))] = _fmt(m, s_, n, 1, True)
@@ -281,12 +278,12 @@ def table1(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
         tidy.update(seeds=int(ours["seed"].nunique()) if len(ours) else len(g), fid_test_only=untrained)
         if len(judge):
             j = judge[(judge["dataset"] == ds) & (judge["eps"] == eps) & (judge["sampler"] == sampler)]
-            jm, js, jn = _mean_std(j["judge"], 1)
+            jm, js, jn = _mean_std(j["judge"])
             tidy.update(judge_mean=jm, judge_std=js, judge_covered_by_dp=False)
             wide[(PRETTY_DATASET.get(ds, ds), f"Judge$^{NOT_COVERED_MARK}$ (\\%)")] = _fmt(jm, js, jn, 1, True)
         for c in CLASSIFIERS:
             sel = clf[(clf["dataset"] == ds) & (clf["eps"] == eps) & (clf["sampler"] == sampler) & (clf["classifier"] == c)] if len(clf) else clf
-            cm, cs, cn = _mean_std(sel["acc"], 1) if len(sel) else (np.nan, np.nan, 0)
+            cm, cs, cn = _mean_std(sel["acc"]) if len(sel) else (np.nan, np.nan, 0)
             tidy[f"{c}_mean"], tidy[f"{c}_std"] = cm, cs
             wide[(PRETTY_DATASET.get(ds, ds), PRETTY_CLASSIFIER[c] + r" (\%)")] = _fmt(cm, cs, cn, 1, True)
         tidy_rows.append(tidy)
@@ -316,13 +313,13 @@ def table2(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
     for (ds, eps), g in base.groupby(["dataset", "eps"], sort=True):
         ours = clf[(clf["dataset"] == ds) & (clf["eps"] == eps)] if len(clf) else clf
         for c in CLASSIFIERS:
-            bm, bs, bn = _mean_std(g[g["classifier"] == c]["acc"], 1)
+            bm, bs, bn = _mean_std(g[g["classifier"] == c]["acc"])
             best, best_val = (np.nan, np.nan, 0, None), -np.inf
             if len(ours):
                 for sampler, gs in ours[ours["classifier"] == c].groupby("sampler", sort=True):
                     val = float(gs["val_acc"].mean())
                     if val > best_val:
-                        best, best_val = (*_mean_std(gs["acc"], 1), sampler), val
+                        best, best_val = (*_mean_std(gs["acc"]), sampler), val
             tidy_rows.append(dict(dataset=ds, eps=eps, classifier=c, dpsgd_mean=bm, dpsgd_std=bs,
                                   dpdm_mean=best[0], dpdm_std=best[1], dpdm_sampler=best[3],
                                   dpdm_selection=TABLE2_SELECTION))
@@ -354,7 +351,7 @@ def table4(res: dict[str, pd.DataFrame], out_dir: Path, unconditional: set[str])
         tidy = dict(dataset=ds, eps=eps, sampler=sampler, sampler_tuned_on=flag, seeds=len(g), fid_test_only=untrained)
         label = _escape(sampler) + (f"$^{TUNED_MARK}$" if flag else "")
         for split in splits:
-            m, s_, n = _mean_std(g[f"fid_{split}"], 1)
+            m, s_, n = _mean_std(g[f"fid_{split}"])
             tidy.update({f"fid_{split}_mean": m, f"fid_{split}_std": s_,
                          f"fid_{split}_covered_by_dp": split != "train"})
             wide_rows.setdefault(label, {})[(PRETTY_DATASET.get(ds, ds), _latex_eps(eps),
@@ -634,14 +631,14 @@ def ablation_table(manifest: dict, df: pd.DataFrame, out_dir: Path) -> None:
     order = list(dict.fromkeys(df["label"]))
     tidy_rows, wide_rows = [], {}
     for (label, eps), g in sorted(df.groupby(["label", "eps"], sort=False), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
-        m, s, n = _mean_std(g["fid"], 1)
+        m, s, n = _mean_std(g["fid"])
         tidy = dict(ablation=manifest["name"], label=label, variant=g["variant"].iloc[0], sampler=g["sampler"].iloc[0],
                     x=g["x"].iloc[0], eps=eps, fid_mean=m, fid_std=s, seeds=n, fid_test_only=untrained,
                     fid_split=split, fid_covered_by_dp=split != "train")
         wide = wide_rows.setdefault(_escape(label), {})
         wide[(_latex_eps(eps), fid_col)] = _fmt(m, s, n, 1, True) if split else NOT_COMPUTED
         for c in classifiers:
-            cm, cs, cn = _mean_std(g[c], 1)
+            cm, cs, cn = _mean_std(g[c])
             tidy[f"{c}_mean"], tidy[f"{c}_std"] = cm, cs
             wide[(_latex_eps(eps), PRETTY_CLASSIFIER[c] + r" (\%)")] = _fmt(cm, cs, cn, 1, True)
         tidy_rows.append(tidy)

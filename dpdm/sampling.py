@@ -32,7 +32,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dpdm.artifacts import DPDMError, atomic_path, pick_device, save_npz
+from dpdm.artifacts import DPDMError, atomic_path, save_npz
+from dpdm.devices import pick_device
 
 log = logging.getLogger("dpdm.sampling")
 

@@ -60,9 +60,10 @@ from typing import Any
 
 import numpy as np
 
-from dpdm.artifacts import (DPDMError, atomic_path, check_writable, exclusive_lock, pick_device, provenance,
+from dpdm.artifacts import (DPDMError, atomic_path, check_writable, exclusive_lock, provenance,
                             save_json, save_torch, seed_everything, sha256_file, sha256_json, staged_outputs,
                             torch_load_error)
+from dpdm.devices import pick_device
 
 log = logging.getLogger("dpdm.train")
 
@@ -502,12 +503,14 @@ def _load_training_data(settings: dict, data_dir: Path) -> dict:
 
 
 def _log_plan(settings: dict, p: dict, n: int, k: int, precond, device, secret: bool) -> None:
+    from dpdm.networks import count_parameters
+
     pr = settings["privacy"]
     q = p["sample_rate"]
     log.info("cell %s: N = %d, q = %.6g (expected batch %.1f), planned steps %d (%.4g epochs), sigma = %.6g "
              "(%s calibration, %s accountant), C = %g, K = %d, %d parameters, device %s", settings["cell"], n, q,
              q * n, p["planned_steps"], p["planned_steps"] * q, p["noise_multiplier"], pr["calibration"],
-             pr["accountant"], float(pr["clip"]), k, sum(t.numel() for t in precond.parameters()), device)
+             pr["accountant"], float(pr["clip"]), k, count_parameters(precond), device)
     if not secret:
         from dpdm.privacy import DP_SEED_ENV
 

@@ -16,7 +16,7 @@ def _one_torch_thread():
 
 @pytest.fixture(autouse=True, scope="session")
 def _keep_freed_memory():
-    # As the CLI does (dpdm.artifacts.keep_freed_memory): the tests run the same code.
-    from dpdm.artifacts import keep_freed_memory
+    # As the CLI does (dpdm.memory.keep_freed_memory): the tests run the same code.
+    from dpdm.memory import keep_freed_memory
 
     keep_freed_memory()

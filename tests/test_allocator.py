@@ -1,4 +1,4 @@
-"""dpdm.artifacts.keep_freed_memory: after it, a freed large tensor's memory is reused by
+"""dpdm.memory.keep_freed_memory: after it, a freed large tensor's memory is reused by
 the next one instead of being faulted in afresh from the OS; DPDM_KEEP_FREED_MEMORY=0
 keeps glibc's defaults."""
 
@@ -19,7 +19,7 @@ import pytest
 # after.
 CHILD = """
 import resource, torch
-from dpdm.artifacts import keep_freed_memory
+from dpdm.memory import keep_freed_memory
 kept = keep_freed_memory()
 def round_():
     x = torch.empty(16 * 2**20, dtype=torch.float32)
@@ -57,7 +57,7 @@ def test_freed_memory_is_reused_unless_switched_off():
 
 RELEASE_CHILD = """
 import torch
-from dpdm.artifacts import keep_freed_memory, release_freed_memory
+from dpdm.memory import keep_freed_memory, release_freed_memory
 def rss_mb():
     return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) // 1024
 keep_freed_memory()
