@@ -7,8 +7,12 @@ import os
 import shlex
 import sys
 
-sys.path.insert(0, workflow.basedir)  # import the repo's dpdm even without `pip install -e .`
-os.environ.setdefault("DPDM_TRACEBACK", "1")  # a job's log keeps the traceback of a bug (dpdm.cli)
+sys.path.insert(
+    0, workflow.basedir
+)  # import the repo's dpdm even without `pip install -e .`
+os.environ.setdefault(
+    "DPDM_TRACEBACK", "1"
+)  # a job's log keeps the traceback of a bug (dpdm.cli)
 
 from dpdm import config as dpcfg
 from dpdm.artifacts import DPDMError, is_private
@@ -26,7 +30,9 @@ def _load_config():
     arrive as strings and are read as YAML (dpdm.config.parse_strings)."""
     cli_files = [os.path.abspath(f) for f in workflow.config_settings.configfiles]
     files = cli_files or list(workflow.configfiles)
-    return dpcfg.load_config(files, [dpcfg.parse_strings(dict(workflow.config_settings.config or {}))])
+    return dpcfg.load_config(
+        files, [dpcfg.parse_strings(dict(workflow.config_settings.config or {}))]
+    )
 
 
 try:
@@ -39,9 +45,15 @@ except DPDMError as e:
 if workflow.is_main_process:  # not again inside each job
     print(dpcfg.grid_summary(config, GRID), file=sys.stderr)
 
-LOSS_CURVES = bool(config["report"]["loss_curves"])  # opt-in: training losses are not covered by DP
-FID = bool(config["fid"]["enabled"])  # false: no FID jobs; the tables say "not computed"
-FID_SPLITS = dpcfg.fid_splits(config)  # the first is the headline FID (the paper's: train)
+LOSS_CURVES = bool(
+    config["report"]["loss_curves"]
+)  # opt-in: training losses are not covered by DP
+FID = bool(
+    config["fid"]["enabled"]
+)  # false: no FID jobs; the tables say "not computed"
+FID_SPLITS = dpcfg.fid_splits(
+    config
+)  # the first is the headline FID (the paper's: train)
 DATA = config["paths"]["data"]
 RESULTS = config["paths"]["results"]
 FID_WEIGHTS_DEFAULT = "weights/pt_inception-2015-12-05-6726825d.pth"
@@ -60,7 +72,8 @@ def results_path(path):
 
 def cell_path(path):
     """A file of a cell: {results}/{dataset}/{eps}/[{variant}/]seed{seed}/<path>. The
-    variant wildcard is empty for a main cell and 'name/' for an ablation's own model."""
+    variant wildcard is empty for a main cell and 'name/' for an ablation's own model.
+    """
     return os.path.join(RESULTS, "{dataset}", "{eps}", "{variant}seed{seed}", path)
 
 
@@ -68,7 +81,9 @@ def plan_of(wildcards):
     """The planned cell (dpdm.config.CellPlan) named by the wildcards."""
     key = f"{wildcards.dataset}/{wildcards.eps}/{wildcards.variant}seed{wildcards.seed}"
     if key not in GRID.cells:
-        raise WorkflowError(f"{results_path(key)} is not a cell of this config's grid (experiments, ablations)")
+        raise WorkflowError(
+            f"{results_path(key)} is not a cell of this config's grid (experiments, ablations)"
+        )
     return GRID.cells[key]
 
 
@@ -92,7 +107,11 @@ SAMPLER_STAGES = ("sample", "fid", "classify")
 
 
 def _settings_json(settings, stage):
-    return json.dumps({k: settings[k] for k in STAGE_SECTIONS[stage]}, sort_keys=True, separators=(",", ":"))
+    return json.dumps(
+        {k: settings[k] for k in STAGE_SECTIONS[stage]},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
 
 
 def stage_settings(stage):
@@ -108,8 +127,11 @@ def stage_settings(stage):
                     f"its samplers are {sorted(full['samplers'])}"
                 )
             full["samplers"] = {wildcards.sampler: full["samplers"][wildcards.sampler]}
-            return json.dumps({k: full[k] for k in STAGE_SECTIONS[stage] + ("samplers",)}, sort_keys=True,
-                              separators=(",", ":"))
+            return json.dumps(
+                {k: full[k] for k in STAGE_SECTIONS[stage] + ("samplers",)},
+                sort_keys=True,
+                separators=(",", ":"),
+            )
         return _settings_json(full, stage)
 
     return settings_json
@@ -117,7 +139,9 @@ def stage_settings(stage):
 
 def baseline_settings(wildcards):
     """Settings of a DP-SGD baseline: those of the main cell (dataset, eps, seed)."""
-    settings = dpcfg.resolve_cell(config, wildcards.dataset, dpcfg.parse_eps(wildcards.eps), int(wildcards.seed))
+    settings = dpcfg.resolve_cell(
+        config, wildcards.dataset, dpcfg.parse_eps(wildcards.eps), int(wildcards.seed)
+    )
     return _settings_json(settings, "baseline")
 
 
@@ -169,7 +193,10 @@ def fid_weights_input(wildcards=None):
     """The Inception weights file the FID rules need (nothing for the untrained extractor)."""
     if config["fid"]["extractor"] != "inception":
         return []
-    return [dpcfg.env_or(config["paths"]["fid_weights"], "DPDM_FID_WEIGHTS") or FID_WEIGHTS_DEFAULT]
+    return [
+        dpcfg.env_or(config["paths"]["fid_weights"], "DPDM_FID_WEIGHTS")
+        or FID_WEIGHTS_DEFAULT
+    ]
 
 
 def fid_args():
@@ -180,7 +207,11 @@ def fid_args():
 
 def judge_of(dataset):
     """The judge classifier of a dataset (classify.judge), None when off or unconditional."""
-    return dataset_settings(dataset)["classify"]["judge"] if is_conditional(dataset) else None
+    return (
+        dataset_settings(dataset)["classify"]["judge"]
+        if is_conditional(dataset)
+        else None
+    )
 
 
 def cell_outputs(plan):
@@ -188,7 +219,9 @@ def cell_outputs(plan):
     d = results_path(plan.path)
     out = [f"{d}/model.pt", f"{d}/privacy.json", f"{d}/{METRICS_FILE}"]
     for s, classifiers in plan.classifiers.items():
-        out += [f"{d}/samples_{s}.npz", f"{d}/grid_{s}.png"] + ([f"{d}/fid_{s}.json"] if FID else [])
+        out += [f"{d}/samples_{s}.npz", f"{d}/grid_{s}.png"] + (
+            [f"{d}/fid_{s}.json"] if FID else []
+        )
         out += [f"{d}/classify_{s}_{c}.json" for c in classifiers]
         out += [f"{d}/judge_{s}.json"] if judge_of(plan.dataset) else []
     return out
@@ -202,7 +235,9 @@ def baseline_outputs():
         for eps in exp["eps"]:
             for seed in exp.get("seeds", config["seeds"]):
                 settings = dpcfg.resolve_cell(config, exp["dataset"], eps, seed)
-                d = results_path(f"{exp['dataset']}/baseline/{dpcfg.eps_tag(eps)}/seed{seed}")
+                d = results_path(
+                    f"{exp['dataset']}/baseline/{dpcfg.eps_tag(eps)}/seed{seed}"
+                )
                 out += [f"{d}/{c}.json" for c in settings["baseline"]["classifiers"]]
     return out
 
@@ -217,8 +252,16 @@ def report_inputs():
     release (ablation models too: the privacy table composes them per dataset) and, only
     with the opt-in report.loss_curves, the cells' private training metrics."""
     published = [p for p in main_outputs() if p.endswith(".json") and not is_private(p)]
-    ledgers = [results_path(f"{plan.path}/privacy.json") for plan in GRID.cells.values() if plan.variant]
-    metrics = [results_path(f"{plan.path}/{METRICS_FILE}") for plan in MAIN_CELLS] if LOSS_CURVES else []
+    ledgers = [
+        results_path(f"{plan.path}/privacy.json")
+        for plan in GRID.cells.values()
+        if plan.variant
+    ]
+    metrics = (
+        [results_path(f"{plan.path}/{METRICS_FILE}") for plan in MAIN_CELLS]
+        if LOSS_CURVES
+        else []
+    )
     return published + ledgers + metrics
 
 
@@ -247,8 +290,16 @@ def report_figures():
 def report_outputs():
     if not MAIN_CELLS:
         return []
-    out = [results_path(f"tables/{t}.{ext}") for t in report_tables() for ext in ("tex", "csv")]
-    out += [results_path(f"figures/{f}.{ext}") for f in report_figures() for ext in ("pdf", "png")]
+    out = [
+        results_path(f"tables/{t}.{ext}")
+        for t in report_tables()
+        for ext in ("tex", "csv")
+    ]
+    out += [
+        results_path(f"figures/{f}.{ext}")
+        for f in report_figures()
+        for ext in ("pdf", "png")
+    ]
     return out
 
 
@@ -257,8 +308,12 @@ def ablation_inputs(name):
     out = []
     for row in GRID.ablations[name]["rows"]:
         d = results_path(row["cell"])
-        out += [f"{d}/privacy.json"] + ([f"{d}/fid_{row['cell_sampler']}.json"] if FID else [])
-        out += [f"{d}/classify_{row['cell_sampler']}_{c}.json" for c in row["classifiers"]]
+        out += [f"{d}/privacy.json"] + (
+            [f"{d}/fid_{row['cell_sampler']}.json"] if FID else []
+        )
+        out += [
+            f"{d}/classify_{row['cell_sampler']}_{c}.json" for c in row["classifiers"]
+        ]
     return list(dict.fromkeys(out))
 
 
@@ -273,7 +328,9 @@ def ablation_outputs(name):
 
 
 def all_outputs():
-    out = [p for plan in GRID.cells.values() for p in cell_outputs(plan)] + baseline_outputs()
+    out = [
+        p for plan in GRID.cells.values() for p in cell_outputs(plan)
+    ] + baseline_outputs()
     out += report_outputs()
     for name in GRID.ablations:
         out += list(ablation_outputs(name).values())

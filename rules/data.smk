@@ -12,17 +12,17 @@ rule prepare:
         train=data_path("{dataset}/train.npz"),
         test=data_path("{dataset}/test.npz"),
         meta=data_path("{dataset}/meta.json"),
-    params:
-        out=lambda wc: data_path(wc.dataset),
-        raw=lambda wc: dpcfg.env_or(config["paths"]["raw"], "DPDM_RAW_DIR") or "raw",
-        digits_size=lambda wc: dataset_settings(wc.dataset)["data"]["digits_size"],
-        code=code_hash("prepare"),
     log:
         results_path("logs/prepare/{dataset}.log"),
     benchmark:
         results_path("benchmarks/prepare/{dataset}.tsv")
     conda:
         "../environment.yml"
+    params:
+        out=lambda wc: data_path(wc.dataset),
+        raw=lambda wc: dpcfg.env_or(config["paths"]["raw"], "DPDM_RAW_DIR") or "raw",
+        digits_size=lambda wc: dataset_settings(wc.dataset)["data"]["digits_size"],
+        code=code_hash("prepare"),
     shell:
         "python -m dpdm prepare --dataset {wildcards.dataset} --out {params.out:q}"
         " --raw-dir {params.raw:q} --digits-size {params.digits_size} > {log:q} 2>&1"
@@ -47,22 +47,24 @@ rule fid_reference:
         weights=fid_weights_input,
     output:
         data_path("{dataset}/fid_{split}.npz"),
-    params:
-        data=lambda wc: data_path(wc.dataset),
-        fid=fid_args(),
-        num=(
-            f"--num-images {config['fid']['reference_images']}" if config["fid"]["reference_images"] else ""
-        ),
-        code=code_hash("fid-ref"),
-    threads: rule_threads("fid")
-    resources:
-        **rule_resources("fid"),
     log:
         results_path("logs/fid_reference/{dataset}_{split}.log"),
     benchmark:
         results_path("benchmarks/fid_reference/{dataset}_{split}.tsv")
     conda:
         "../environment.yml"
+    threads: rule_threads("fid")
+    resources:
+        **rule_resources("fid"),
+    params:
+        data=lambda wc: data_path(wc.dataset),
+        fid=fid_args(),
+        num=(
+            f"--num-images {config['fid']['reference_images']}"
+            if config["fid"]["reference_images"]
+            else ""
+        ),
+        code=code_hash("fid-ref"),
     shell:
         "python -m dpdm fid-ref --data {params.data:q} --split {wildcards.split}"
         " --out {output:q} {params.fid} {params.num} > {log:q} 2>&1"

@@ -5,27 +5,31 @@
 rule fid:
     input:
         samples=cell_path("samples_{sampler}.npz"),
-        refs=lambda wc: [data_path(f"{wc.dataset}/fid_{split}.npz") for split in FID_SPLITS],
+        refs=lambda wc: [
+            data_path(f"{wc.dataset}/fid_{split}.npz") for split in FID_SPLITS
+        ],
         weights=fid_weights_input,
     output:
         cell_path("fid_{sampler}.json"),
-    params:
-        settings=stage_settings("fid"),
-        refs=lambda wc, input: " ".join(f"--ref {shlex.quote(r)}" for r in input.refs),
-        fid=fid_args(),
-        num=lambda wc: (
-            f"--num-samples {config['fid']['num_samples']}" if config["fid"]["num_samples"] else ""
-        ),
-        code=code_hash("fid"),
-    threads: rule_threads("fid")
-    resources:
-        **rule_resources("fid"),
     log:
         cell_path("logs/fid_{sampler}.log"),
     benchmark:
         cell_path("benchmarks/fid_{sampler}.tsv")
     conda:
         "../environment.yml"
+    threads: rule_threads("fid")
+    resources:
+        **rule_resources("fid"),
+    params:
+        settings=stage_settings("fid"),
+        refs=lambda wc, input: " ".join(f"--ref {shlex.quote(r)}" for r in input.refs),
+        fid=fid_args(),
+        num=lambda wc: (
+            f"--num-samples {config['fid']['num_samples']}"
+            if config["fid"]["num_samples"]
+            else ""
+        ),
+        code=code_hash("fid"),
     shell:
         "python -m dpdm fid --samples {input.samples:q} {params.refs} --out {output:q}"
         " --settings {params.settings:q} {params.fid} {params.num} > {log:q} 2>&1"
@@ -37,18 +41,18 @@ rule classify:
         test=data_path("{dataset}/test.npz"),
     output:
         cell_path("classify_{sampler}_{classifier}.json"),
-    params:
-        settings=stage_settings("classify"),
-        code=code_hash("classify"),
-    threads: rule_threads("classify")
-    resources:
-        **rule_resources("classify"),
     log:
         cell_path("logs/classify_{sampler}_{classifier}.log"),
     benchmark:
         cell_path("benchmarks/classify_{sampler}_{classifier}.tsv")
     conda:
         "../environment.yml"
+    threads: rule_threads("classify")
+    resources:
+        **rule_resources("classify"),
+    params:
+        settings=stage_settings("classify"),
+        code=code_hash("classify"),
     shell:
         "python -m dpdm classify --settings {params.settings:q} --samples {input.samples:q}"
         " --test {input.test:q} --classifier {wildcards.classifier} --out {output:q} > {log:q} 2>&1"
@@ -60,19 +64,19 @@ rule baseline:
         test=data_path("{dataset}/test.npz"),
     output:
         results_path("{dataset}/baseline/{eps}/seed{seed}/{classifier}.json"),
-    params:
-        data=lambda wc: data_path(wc.dataset),
-        settings=baseline_settings,
-        code=code_hash("baseline"),
-    threads: rule_threads("baseline")
-    resources:
-        **rule_resources("baseline"),
     log:
         results_path("{dataset}/baseline/{eps}/seed{seed}/logs/{classifier}.log"),
     benchmark:
         results_path("{dataset}/baseline/{eps}/seed{seed}/benchmarks/{classifier}.tsv")
     conda:
         "../environment.yml"
+    threads: rule_threads("baseline")
+    resources:
+        **rule_resources("baseline"),
+    params:
+        data=lambda wc: data_path(wc.dataset),
+        settings=baseline_settings,
+        code=code_hash("baseline"),
     shell:
         "python -m dpdm baseline --settings {params.settings:q} --data {params.data:q}"
         " --classifier {wildcards.classifier} --out {output:q} > {log:q} 2>&1"
@@ -84,19 +88,19 @@ rule train_judge:
         test=data_path("{dataset}/test.npz"),
     output:
         data_path("{dataset}/judge_{classifier}.pt"),
-    params:
-        data=lambda wc: data_path(wc.dataset),
-        epochs=lambda wc: dataset_settings(wc.dataset)["classify"]["judge_epochs"],
-        code=code_hash("judge-fit"),
-    threads: rule_threads("classify")
-    resources:
-        **rule_resources("classify"),
     log:
         results_path("logs/train_judge/{dataset}_{classifier}.log"),
     benchmark:
         results_path("benchmarks/train_judge/{dataset}_{classifier}.tsv")
     conda:
         "../environment.yml"
+    threads: rule_threads("classify")
+    resources:
+        **rule_resources("classify"),
+    params:
+        data=lambda wc: data_path(wc.dataset),
+        epochs=lambda wc: dataset_settings(wc.dataset)["classify"]["judge_epochs"],
+        code=code_hash("judge-fit"),
     shell:
         "python -m dpdm judge-fit --data {params.data:q} --classifier {wildcards.classifier}"
         " --epochs {params.epochs} --out {output:q} > {log:q} 2>&1"
@@ -108,18 +112,18 @@ rule judge:
         judge=lambda wc: data_path(f"{wc.dataset}/judge_{judge_of(wc.dataset)}.pt"),
     output:
         cell_path("judge_{sampler}.json"),
-    params:
-        settings=stage_settings("classify"),
-        code=code_hash("judge"),
-    threads: 1
-    resources:
-        **rule_resources("classify"),
     log:
         cell_path("logs/judge_{sampler}.log"),
     benchmark:
         cell_path("benchmarks/judge_{sampler}.tsv")
     conda:
         "../environment.yml"
+    threads: 1
+    resources:
+        **rule_resources("classify"),
+    params:
+        settings=stage_settings("classify"),
+        code=code_hash("judge"),
     shell:
         "python -m dpdm judge --settings {params.settings:q} --judge {input.judge:q} --samples {input.samples:q}"
         " --out {output:q} > {log:q} 2>&1"

@@ -31,16 +31,16 @@ rule report:
             for f in report_figures()
         ],
         pdfs=[results_path(f"figures/{f}.pdf") for f in report_figures()],
-    params:
-        out=lambda wc, output: os.path.dirname(os.path.dirname(output.tex[0])),
-        code=code_hash("report"),
-        loss_curves="--loss-curves" if LOSS_CURVES else "",
     log:
         results_path("logs/report.log"),
     benchmark:
         results_path("benchmarks/report.tsv")
     conda:
         "../environment.yml"
+    params:
+        out=lambda wc, output: os.path.dirname(os.path.dirname(output.tex[0])),
+        code=code_hash("report"),
+        loss_curves="--loss-curves" if LOSS_CURVES else "",
     shell:
         "python -m dpdm report --out {params.out:q} {params.loss_curves} {input.results:q} > {log:q} 2>&1"
 
@@ -51,7 +51,6 @@ for _name in GRID.ablations:
     rule:
         name:
             f"ablation_{_name}"
-        localrule: True
         input:
             ablation_inputs(_name),
         output:
@@ -69,15 +68,18 @@ for _name in GRID.ablations:
                 category="Ablations",
                 labels={"ablation": _name, "kind": "figure"},
             ),
-        params:
-            out=lambda wc, output: os.path.dirname(os.path.dirname(output.tex)),
-            manifest=json.dumps(GRID.ablations[_name], sort_keys=True, separators=(",", ":")),
-            code=code_hash("report-ablation"),
         log:
             results_path(f"logs/ablation_{_name}.log"),
         benchmark:
             results_path(f"benchmarks/ablation_{_name}.tsv")
+        localrule: True
         conda:
             "../environment.yml"
+        params:
+            out=lambda wc, output: os.path.dirname(os.path.dirname(output.tex)),
+            manifest=json.dumps(
+                GRID.ablations[_name], sort_keys=True, separators=(",", ":")
+            ),
+            code=code_hash("report-ablation"),
         shell:
             "python -m dpdm report-ablation --out {params.out:q} --manifest {params.manifest:q} > {log:q} 2>&1"

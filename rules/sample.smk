@@ -11,20 +11,25 @@ rule sample:
             caption="../workflow/report/grid.rst",
             category="Samples",
             subcategory="{dataset} {eps} {variant}",
-            labels={"dataset": "{dataset}", "eps": "{eps}", "seed": "{seed}", "sampler": "{sampler}"},
+            labels={
+                "dataset": "{dataset}",
+                "eps": "{eps}",
+                "seed": "{seed}",
+                "sampler": "{sampler}",
+            },
         ),
-    params:
-        settings=stage_settings("sample"),
-        code=code_hash("sample"),
-    threads: rule_threads("sample")
-    resources:
-        **rule_resources("sample"),
     log:
         cell_path("logs/sample_{sampler}.log"),
     benchmark:
         cell_path("benchmarks/sample_{sampler}.tsv")
     conda:
         "../environment.yml"
+    threads: rule_threads("sample")
+    resources:
+        **rule_resources("sample"),
+    params:
+        settings=stage_settings("sample"),
+        code=code_hash("sample"),
     shell:
         "python -m dpdm sample --settings {params.settings:q} --model {input.model:q}"
         " --sampler {wildcards.sampler} --out {output.samples:q} --grid {output.grid:q} > {log:q} 2>&1"

@@ -16,22 +16,22 @@ rule train:
         model=cell_path("model.pt"),
         ledger=cell_path("privacy.json"),
         metrics=cell_path(METRICS_FILE),
+    log:
+        cell_path("logs/train.log"),
+    benchmark:
+        cell_path("benchmarks/train.tsv")
+    priority: 10  # the longest chain: start training first
+    conda:
+        "../environment.yml"
+    threads: rule_threads("train")
+    resources:
+        **rule_resources("train"),
     params:
         data=lambda wc: data_path(wc.dataset),
         out=lambda wc: results_path(plan_of(wc).path),
         attempts=lambda wc: results_path(f"{plan_of(wc).path}/logs/train_attempts.log"),  # every attempt's log
         settings=stage_settings("train"),
         code=code_hash("train"),
-    priority: 10  # the longest chain: start training first
-    threads: rule_threads("train")
-    resources:
-        **rule_resources("train"),
-    log:
-        cell_path("logs/train.log"),
-    benchmark:
-        cell_path("benchmarks/train.tsv")
-    conda:
-        "../environment.yml"
     shell:
         "exec python -m dpdm train --settings {params.settings:q} --data {params.data:q}"
         " --out {params.out:q} --stop-with-parent --log-file {params.attempts:q} > {log:q} 2>&1"

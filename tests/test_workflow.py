@@ -118,6 +118,12 @@ def test_lint_is_clean(dry_workdir):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_workflow_files_are_formatted_with_snakefmt():
+    snakefmt = shutil.which("snakefmt") or str(Path(sys.executable).with_name("snakefmt"))
+    p = subprocess.run([snakefmt, "--check", "Snakefile", "rules"], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, f"run `snakefmt Snakefile rules`:\n{p.stdout}{p.stderr}"
+
+
 def test_a_user_config_runs_exactly_its_own_cells(dry_workdir):
     """--configfile replaces the paper's config/config.yaml: no inherited MNIST ablations
     or dataset settings; listing the paper first builds on it."""
