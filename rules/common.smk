@@ -335,3 +335,54 @@ def all_outputs():
     for name in GRID.ablations:
         out += list(ablation_outputs(name).values())
     return out
+
+
+# ----------------------------------------------------------------------------
+# Input and params functions of the rules (named, so each rule reads as a table).
+
+
+def get_data_dir(wildcards):
+    """The prepared dataset's folder: {paths.data}/{dataset}."""
+    return data_path(wildcards.dataset)
+
+
+def get_raw_dir(wildcards):
+    """Where prepare looks for raw files ($DPDM_RAW_DIR, else paths.raw)."""
+    return dpcfg.env_or(config["paths"]["raw"], "DPDM_RAW_DIR") or "raw"
+
+
+def get_digits_size(wildcards):
+    return dataset_settings(wildcards.dataset)["data"]["digits_size"]
+
+
+def get_cell_dir(wildcards):
+    """The planned cell's folder (with its variant, if an ablation's own model)."""
+    return results_path(plan_of(wildcards).path)
+
+
+def get_attempts_log(wildcards):
+    """Every training attempt's log, appended (Snakemake empties the rule's log per job)."""
+    return results_path(f"{plan_of(wildcards).path}/logs/train_attempts.log")
+
+
+def get_fid_references(wildcards):
+    """The reference statistics of the configured splits (the first is the headline FID)."""
+    return [data_path(f"{wildcards.dataset}/fid_{split}.npz") for split in FID_SPLITS]
+
+
+def get_ref_args(wildcards, input):
+    return " ".join(f"--ref {shlex.quote(r)}" for r in input.refs)
+
+
+def get_judge_epochs(wildcards):
+    return dataset_settings(wildcards.dataset)["classify"]["judge_epochs"]
+
+
+def get_judge_file(wildcards):
+    return data_path(f"{wildcards.dataset}/judge_{judge_of(wildcards.dataset)}.pt")
+
+
+def get_results_dir(wildcards, output):
+    """paths.results, from a table's path {results}/tables/<name>.tex."""
+    tex = output.tex if isinstance(output.tex, str) else output.tex[0]
+    return os.path.dirname(os.path.dirname(tex))

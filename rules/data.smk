@@ -19,9 +19,9 @@ rule prepare:
     conda:
         "../environment.yml"
     params:
-        out=lambda wc: data_path(wc.dataset),
-        raw=lambda wc: dpcfg.env_or(config["paths"]["raw"], "DPDM_RAW_DIR") or "raw",
-        digits_size=lambda wc: dataset_settings(wc.dataset)["data"]["digits_size"],
+        out=get_data_dir,
+        raw=get_raw_dir,
+        digits_size=get_digits_size,
         code=code_hash("prepare"),
     shell:
         "python -m dpdm prepare --dataset {wildcards.dataset} --out {params.out:q}"
@@ -57,7 +57,7 @@ rule fid_reference:
     resources:
         **rule_resources("fid"),
     params:
-        data=lambda wc: data_path(wc.dataset),
+        data=get_data_dir,
         fid=fid_args(),
         num=(
             f"--num-images {config['fid']['reference_images']}"

@@ -5,9 +5,7 @@
 rule fid:
     input:
         samples=cell_path("samples_{sampler}.npz"),
-        refs=lambda wc: [
-            data_path(f"{wc.dataset}/fid_{split}.npz") for split in FID_SPLITS
-        ],
+        refs=get_fid_references,
         weights=fid_weights_input,
     output:
         cell_path("fid_{sampler}.json"),
@@ -22,9 +20,9 @@ rule fid:
         **rule_resources("fid"),
     params:
         settings=stage_settings("fid"),
-        refs=lambda wc, input: " ".join(f"--ref {shlex.quote(r)}" for r in input.refs),
+        refs=get_ref_args,
         fid=fid_args(),
-        num=lambda wc: (
+        num=(
             f"--num-samples {config['fid']['num_samples']}"
             if config["fid"]["num_samples"]
             else ""
@@ -74,7 +72,7 @@ rule baseline:
     resources:
         **rule_resources("baseline"),
     params:
-        data=lambda wc: data_path(wc.dataset),
+        data=get_data_dir,
         settings=baseline_settings,
         code=code_hash("baseline"),
     shell:
@@ -98,8 +96,8 @@ rule train_judge:
     resources:
         **rule_resources("classify"),
     params:
-        data=lambda wc: data_path(wc.dataset),
-        epochs=lambda wc: dataset_settings(wc.dataset)["classify"]["judge_epochs"],
+        data=get_data_dir,
+        epochs=get_judge_epochs,
         code=code_hash("judge-fit"),
     shell:
         "python -m dpdm judge-fit --data {params.data:q} --classifier {wildcards.classifier}"
@@ -109,7 +107,7 @@ rule train_judge:
 rule judge:
     input:
         samples=cell_path("samples_{sampler}.npz"),
-        judge=lambda wc: data_path(f"{wc.dataset}/judge_{judge_of(wc.dataset)}.pt"),
+        judge=get_judge_file,
     output:
         cell_path("judge_{sampler}.json"),
     log:

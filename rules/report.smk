@@ -38,7 +38,7 @@ rule report:
     conda:
         "../environment.yml"
     params:
-        out=lambda wc, output: os.path.dirname(os.path.dirname(output.tex[0])),
+        out=get_results_dir,
         code=code_hash("report"),
         loss_curves="--loss-curves" if LOSS_CURVES else "",
     shell:
@@ -76,7 +76,7 @@ for _name in GRID.ablations:
         conda:
             "../environment.yml"
         params:
-            out=lambda wc, output: os.path.dirname(os.path.dirname(output.tex)),
+            out=get_results_dir,
             manifest=json.dumps(
                 GRID.ablations[_name], sort_keys=True, separators=(",", ":")
             ),

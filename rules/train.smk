@@ -27,9 +27,9 @@ rule train:
     resources:
         **rule_resources("train"),
     params:
-        data=lambda wc: data_path(wc.dataset),
-        out=lambda wc: results_path(plan_of(wc).path),
-        attempts=lambda wc: results_path(f"{plan_of(wc).path}/logs/train_attempts.log"),  # every attempt's log
+        data=get_data_dir,
+        out=get_cell_dir,
+        attempts=get_attempts_log,
         settings=stage_settings("train"),
         code=code_hash("train"),
     shell:
