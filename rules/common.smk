@@ -287,6 +287,11 @@ def report_figures():
     return figs
 
 
+def figure_caption(figure):
+    """The caption file of a figure kind (workflow/report/<kind>.rst): samples_mnist -> samples."""
+    return "samples" if figure.startswith("samples_") else figure
+
+
 def report_outputs():
     if not MAIN_CELLS:
         return []

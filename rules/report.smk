@@ -24,7 +24,7 @@ rule report:
         figures=[
             report(
                 results_path(f"figures/{f}.png"),
-                caption="../workflow/report/figure.rst",
+                caption=f"../workflow/report/{figure_caption(f)}.rst",
                 category="Figures",
                 labels={"figure": f},
             )
