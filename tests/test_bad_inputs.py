@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,8 @@ import torch
 from dpdm import config as cfg
 from dpdm import data
 from dpdm.cli import main
+from helpers import REPO  # tests/helpers.py
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DPDM_SHARED_DATA") or REPO.parent / "shared" / "data")
 PAPER = str(REPO / "config" / "config.yaml")
 SMOKE = str(REPO / "config" / "smoke.yaml")
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from dpdm import bench, diffusion, privacy
+from helpers import REPO  # tests/helpers.py
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _clipped_sum_loop(model, batch):

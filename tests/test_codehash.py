@@ -6,14 +6,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from dpdm import codehash
 from dpdm.artifacts import DPDMError
+from helpers import REPO  # tests/helpers.py
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_training_hashes_every_module_that_computes_its_gradients():

@@ -1,13 +1,12 @@
 """Config loading, merging, validation and cell resolution (dpdm/config.py + schema)."""
 
-from pathlib import Path
 
 import pytest
 
 from dpdm import config as cfg
 from dpdm.artifacts import DPDMError
+from helpers import REPO  # tests/helpers.py
 
-REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "config" / "config.yaml"
 SMOKE = REPO / "config" / "smoke.yaml"
 

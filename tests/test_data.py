@@ -20,9 +20,8 @@ from PIL import Image
 
 from dpdm import data
 from dpdm.artifacts import DPDMError, sha256_file
+from helpers import SHARED  # tests/helpers.py
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DPDM_SHARED_DATA") or REPO.parent / "shared" / "data")
 needs_shared = pytest.mark.skipif(
     not (SHARED / "mnist" / "raw").is_dir(),
     reason=f"shared raw data not found at {SHARED} (set DPDM_SHARED_DATA to the folder holding mnist/raw/)",
@@ -434,7 +433,6 @@ def test_celeba_partition_errors(tmp_path):
 def test_outputs_respect_the_umask_and_private_files_stay_private(tmp_path):
     """Results are readable by the group/others the umask allows (shared clusters);
     files in private folders stay owner-only."""
-    import os
     import stat
 
     from dpdm.artifacts import save_json

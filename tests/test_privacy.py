@@ -8,10 +8,8 @@ per-example gradients is also checked on a real (tiny) DDPM++ through dpdm.diffu
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,62 +17,9 @@ import torch
 
 from dpdm import privacy
 from dpdm.artifacts import DPDMError
+from helpers import subprocess_env  # tests/helpers.py
+from standin import standin_batch, standin_loss, standin_model  # tests/standin.py
 
-REPO = Path(__file__).resolve().parents[1]
-
-# The stand-in model and loss, as source: the distributed test runs it in subprocesses.
-STANDIN_SRC = textwrap.dedent(
-    """
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class Standin(nn.Module):
-        def __init__(self, num_classes=3, ch=4):
-            super().__init__()
-            self.emb = nn.Embedding(num_classes + 1, ch)   # last row: the null class
-            self.conv1 = nn.Conv2d(1, ch, 3, padding=1)
-            self.norm = nn.GroupNorm(2, ch)
-            self.conv2 = nn.Conv2d(ch, 1, 3, padding=1)
-
-        def forward(self, x, sigma, labels):
-            h = self.conv1(x) / (1 + sigma).view(-1, 1, 1, 1) + self.emb(labels)[:, :, None, None]
-            return self.conv2(F.silu(self.norm(h)))
-
-    def standin_loss(model, y, label, sigma, noise):
-        # ONE example: y [C,H,W], label [], sigma [K], noise [K,C,H,W]; mean over K and pixels
-        k = sigma.shape[0]
-        x = y.unsqueeze(0) + sigma.view(-1, 1, 1, 1) * noise
-        d = model(x, sigma, label.expand(k))
-        return ((d - y.unsqueeze(0)) ** 2).mean()
-
-    def standin_batch(n, k=2, num_classes=3, seed=0, scale=1.0):
-        g = torch.Generator().manual_seed(seed)
-        y = torch.rand(n, 1, 6, 6, generator=g) * 2 - 1
-        y = y * scale
-        labels = torch.randint(0, num_classes + 1, (n,), generator=g)
-        sigma = torch.rand(n, k, generator=g) * 2 + 0.1
-        noise = torch.randn(n, k, 1, 6, 6, generator=g)
-        return y, labels, sigma, noise
-
-    def standin_model(seed=0):
-        torch.manual_seed(seed)
-        return Standin()
-    """
-)
-_ns: dict = {}
-exec(STANDIN_SRC, _ns)
-Standin, standin_loss, standin_batch, standin_model = (
-    _ns["Standin"], _ns["standin_loss"], _ns["standin_batch"], _ns["standin_model"])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops, and no OpenMP spinning on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _zero_loss(model, x):
@@ -403,52 +348,20 @@ def test_invalid_mechanism_parameters():
 # ----------------------------------------------------------------------------
 # Distributed: same batch on every rank, shards, one noise draw in the all_reduced sum.
 
-DIST_WORKER = STANDIN_SRC + textwrap.dedent(
-    """
-    import sys
-    import torch.distributed as dist
-    from dpdm import privacy
-
-    def run(out_path):
-        model = standin_model()
-        data = standin_batch(40, k=2, seed=4, scale=3.0)
-        dp = privacy.DPSGD(standin_loss, noise_multiplier=1.5, max_grad_norm=0.3, num_examples=40,
-                           sample_rate=0.3, dp_seed=6, physical_batch_size=4,
-                           optimizer=torch.optim.Adam(model.parameters(), lr=1e-2))
-        stats = []
-        for _ in range(3):
-            idx = dp.sample()
-            stats.append(dp.step(model, tuple(t[idx] for t in data)))
-        secret = privacy.DPSGD(standin_loss, noise_multiplier=1.0, max_grad_norm=1.0, num_examples=1000,
-                               sample_rate=0.3)  # no dp_seed: rank 0's OS-entropy seed, broadcast
-        torch.save({"params": [p.detach() for p in model.parameters()], "stats": stats,
-                    "noise_state": dp.noise_generator.get_state(), "history": dp.history,
-                    "secret_batches": [secret.sample() for _ in range(3)]}, out_path)
-
-    if __name__ == "__main__":
-        rank, world, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-        run(sys.argv[4])
-        dist.barrier()
-        dist.destroy_process_group()
-    """
-)
 
 
 def test_distributed_two_ranks_match_single_process(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(DIST_WORKER)
+    script = Path(__file__).with_name("dist_worker.py")
     init = f"file://{tmp_path / 'rendezvous'}"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(tmp_path / f"rank{r}.pt")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
     for p in procs:
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0, out.decode()[-3000:]
-    ns: dict = {}
-    exec(compile(DIST_WORKER.replace('if __name__ == "__main__":', "if False:"), "worker", "exec"), ns)
-    ns["run"](str(tmp_path / "single.pt"))
+    import dist_worker
+
+    dist_worker.run(str(tmp_path / "single.pt"))
     single = torch.load(tmp_path / "single.pt")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     # every rank holds the identical model after each step

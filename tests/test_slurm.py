@@ -41,7 +41,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_workflow import copy_workflow, job_counts  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # tests/helpers.py
+
 SLURM_DIR = REPO / "tests" / "slurm"
 MAIN_PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.v9+.yaml"
 CI_PROFILE = REPO / "workflow" / "profiles" / "slurm-ci" / "config.v9+.yaml"

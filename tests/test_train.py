@@ -18,18 +18,8 @@ import torch
 from dpdm import config as cfg
 from dpdm import privacy, train
 from dpdm.artifacts import DPDMError
+from helpers import subprocess_env  # tests/helpers.py
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads that outnumber the
-    free cores spin at barriers and slow tiny-network steps down by 10x or more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +209,7 @@ def test_cli_train_outputs_and_sigterm(tmp_path, digits_dir):
     attempts = tmp_path / "logs" / "train_attempts.log"
     cmd = [sys.executable, "-m", "dpdm", "train", "--settings", str(settings_file), "--data", str(digits_dir),
            "--out", str(out), "--log-file", str(attempts)]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    env.pop(privacy.DP_SEED_ENV, None)
+    env = subprocess_env()
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path)
     lines = []
     deadline = time.time() + 120
@@ -349,9 +337,7 @@ def test_a_finished_cell_stays_until_its_replacement_is_complete(tmp_path, digit
 
 
 def _env():
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    env.pop(privacy.DP_SEED_ENV, None)
+    env = subprocess_env()
     return env
 
 
@@ -361,7 +347,7 @@ def test_one_training_per_cell(tmp_path, digits_dir):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from dpdm.artifacts import exclusive_lock\n"
          f"with exclusive_lock({str(out)!r}, 'cell'):\n    print('locked', flush=True); time.sleep(120)"],
-        env=_env(), stdout=subprocess.PIPE, text=True)
+        env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         t0 = time.time()
@@ -383,7 +369,7 @@ def test_training_checkpoints_and_stops_when_its_parent_dies(tmp_path, digits_di
     out, log = tmp_path / "cell", tmp_path / "train.log"
     cmd = (f"{sys.executable} -m dpdm train --settings {settings_file} --data {digits_dir} --out {out} "
            f"--stop-with-parent > {log} 2>&1 & echo $!; wait")
-    parent = subprocess.Popen(["bash", "-c", cmd], env=_env(), stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(["bash", "-c", cmd], env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     deadline = time.time() + 120
     while "INFO step 3/2000" not in (log.read_text() if log.exists() else ""):

@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # tests/helpers.py
+
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 # Jobs of the full paper grid (config/config.yaml). Main grid: 8 cells (MNIST,

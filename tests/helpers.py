@@ -1,0 +1,21 @@
+"""What several test modules share: where the repository and the shared raw data are, and
+the environment of a `python -m dpdm` subprocess."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DPDM_SHARED_DATA") or REPO.parent / "shared" / "data")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """os.environ for a child python that imports this checkout's dpdm (and tests/ helpers),
+    on one thread, with no fixed DP seed unless `extra` sets one."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", **extra}
+    if "DPDM_DP_SEED" not in extra:
+        env.pop("DPDM_DP_SEED", None)
+    return env
