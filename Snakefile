@@ -28,7 +28,7 @@ wildcard_constraints:
     variant=r"(?:[A-Za-z0-9.-]+/)?",
     seed=r"[0-9]+",
     sampler=r"[A-Za-z0-9-]+",
-    classifier="logreg|mlp|cnn",
+    classifier="|".join(CLASSIFIERS),
     split="train|test",
 
 

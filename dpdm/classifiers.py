@@ -35,10 +35,10 @@ import torch
 from dpdm.artifacts import DPDMError, provenance, save_json, sha256_file, torch_load_error
 from dpdm.devices import pick_device
 from dpdm.networks import count_parameters
+from dpdm.registry import CLASSIFIERS
 
 log = logging.getLogger(__name__)
 
-CLASSIFIERS = ("logreg", "mlp", "cnn")
 EVAL_BATCH_SIZE = 1000
 INPUT_SCALING = "[-1, 1] (x / 127.5 - 1)"
 

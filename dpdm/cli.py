@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from dpdm.artifacts import DPDMError
+from dpdm.registry import CLASSIFIERS
 from dpdm.memory import keep_freed_memory
 
 log = logging.getLogger("dpdm")
@@ -310,13 +311,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_settings_args(p)
     p.add_argument("--samples", required=True)
     p.add_argument("--test", required=True, help="real test split, e.g. data/mnist/test.npz")
-    p.add_argument("--classifier", required=True, choices=["logreg", "mlp", "cnn"])
+    p.add_argument("--classifier", required=True, choices=CLASSIFIERS)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("judge-fit", help="train the judge: a classifier on the REAL training split (private)")
     p.add_argument("--data", required=True, help="prepared dataset folder, e.g. data/mnist")
-    p.add_argument("--classifier", default="cnn", choices=["logreg", "mlp", "cnn"])
+    p.add_argument("--classifier", default="cnn", choices=CLASSIFIERS)
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--out", required=True, help="judge file, e.g. data/mnist/judge_cnn.pt (private)")
     p.set_defaults(func=cmd_judge_fit)
@@ -331,7 +332,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="DP-SGD classifier trained on real data (paper Table 2)")
     _add_settings_args(p)
     p.add_argument("--data", required=True)
-    p.add_argument("--classifier", required=True, choices=["logreg", "mlp", "cnn"])
+    p.add_argument("--classifier", required=True, choices=CLASSIFIERS)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_baseline)
 

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from dpdm.artifacts import DPDMError, atomic_path, load_json
+from dpdm.registry import CLASSIFIERS
 
 log = logging.getLogger("dpdm.report")
 
@@ -38,18 +39,18 @@ PRETTY_DATASET = {
     "digits": "Digits",
 }
 PRETTY_CLASSIFIER = {"logreg": "Log Reg", "mlp": "MLP", "cnn": "CNN"}
-CLASSIFIERS = ["logreg", "mlp", "cnn"]
 UNTRAINED_NOTE = "FID from an UNTRAINED extractor (test-only mode): not comparable to the paper"
 
 _CELL = r"(?P<dataset>[a-z0-9_]+)/eps(?P<eps>[0-9.e+-]+)/(?:(?P<variant>[A-Za-z0-9.-]+)/)?seed(?P<seed>[0-9]+)"
+_CLASSIFIER = "(?P<classifier>" + "|".join(CLASSIFIERS) + ")"
 PATTERNS = {
     "privacy": re.compile(_CELL + r"/privacy\.json$"),
     "metrics": re.compile(_CELL + r"/private/train_metrics\.csv$"),
     "fid": re.compile(_CELL + r"/fid_(?P<sampler>[A-Za-z0-9-]+)\.json$"),
-    "classify": re.compile(_CELL + r"/classify_(?P<sampler>[A-Za-z0-9-]+)_(?P<classifier>logreg|mlp|cnn)\.json$"),
+    "classify": re.compile(_CELL + r"/classify_(?P<sampler>[A-Za-z0-9-]+)_" + _CLASSIFIER + r"\.json$"),
     "judge": re.compile(_CELL + r"/judge_(?P<sampler>[A-Za-z0-9-]+)\.json$"),
     "baseline": re.compile(
-        r"(?P<dataset>[a-z0-9_]+)/baseline/eps(?P<eps>[0-9.e+-]+)/seed(?P<seed>[0-9]+)/(?P<classifier>logreg|mlp|cnn)\.json$"
+        r"(?P<dataset>[a-z0-9_]+)/baseline/eps(?P<eps>[0-9.e+-]+)/seed(?P<seed>[0-9]+)/" + _CLASSIFIER + r"\.json$"
     ),
 }
 

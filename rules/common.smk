@@ -18,6 +18,7 @@ from dpdm import config as dpcfg
 from dpdm.artifacts import DPDMError, is_private
 from dpdm.train import METRICS_FILE
 from dpdm.data import DATASETS
+from dpdm.registry import CLASSIFIERS
 
 
 def _load_config():

@@ -26,7 +26,7 @@ def test_training_hashes_every_module_that_computes_its_gradients():
 
 def test_commands_hash_only_what_they_import():
     assert set(codehash.modules_of("prepare")) == {"__init__", "__main__", "artifacts", "cli", "config", "data",
-                                                   "devices", "errors", "memory"}
+                                                   "devices", "errors", "memory", "registry"}
     for command in ("prepare", "fid-ref", "fid", "train", "sample", "classify", "judge-fit", "judge", "baseline",
                     "report", "report-ablation"):
         assert "bench" not in codehash.modules_of(command), command  # bench's options are built by bench only

@@ -210,3 +210,21 @@ def test_documented_commands_put_targets_before_configfile():
                     if w.startswith("-"):
                         break
                     assert w.endswith((".yaml", ".yml", ".json")) or "{" in w, f"{doc}: '{w}' after --configfile: {line}"
+
+
+def test_the_schema_agrees_with_the_registries():
+    """Each name list is written once (dpdm.registry, dpdm.data.DATASETS); the schema's
+    enums and each module's own table must match it."""
+    from dpdm import classifiers, data, diffusion, privacy, registry, sampling
+
+    schema = cfg.yaml_load(cfg.SCHEMA_FILE.read_text())
+    defs = schema["$defs"]
+    settings = defs["settings"]["properties"]
+    assert sorted(defs["dataset_name"]["enum"]) == sorted(data.DATASETS)
+    assert set(registry.CLASSIFIERS) == set(classifiers._BUILDERS)
+    assert defs["classifier_list"]["items"]["enum"] == list(registry.CLASSIFIERS)
+    assert settings["classify"]["properties"]["judge"]["oneOf"][1]["enum"] == list(registry.CLASSIFIERS)
+    assert settings["diffusion"]["properties"]["precond"]["enum"] == list(registry.PRECONDS) == list(diffusion.PRECONDS)
+    assert defs["sampler"]["properties"]["kind"]["enum"] == list(registry.SAMPLER_KINDS) == list(sampling.SAMPLERS)
+    assert settings["privacy"]["properties"]["accountant"]["enum"] == list(privacy.ACCOUNTANTS)
+    assert settings["privacy"]["properties"]["calibration"]["enum"] == list(privacy.CALIBRATIONS)
