@@ -140,32 +140,9 @@ def build_classifier(name: str, resolution, channels: int, num_classes: int):
 
 
 def _read_npz(path: Path, what: str) -> tuple[np.ndarray, np.ndarray | None]:
-    path = Path(path)
-    if not path.is_file():
-        raise DPDMError(f"{what} file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "images" not in z.files:
-                raise DPDMError(f"{what} file {path} has no 'images' array (it holds {z.files})")
-            images = z["images"]
-            labels = z["labels"] if "labels" in z.files else None
-    except DPDMError:
-        raise
-    except Exception as e:
-        raise DPDMError(f"{what} file {path} is not a readable .npz ({type(e).__name__}: {e})") from e
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DPDMError(f"{what} file {path}: images must be uint8 N x H x W x C with C in (1, 3), "
-                        f"got {images.dtype} {images.shape}")
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        if labels.dtype.kind not in "iub" and not np.array_equal(labels, np.round(labels)):
-            bad = labels[labels != np.round(labels)][0]
-            raise DPDMError(f"{what} file {path}: labels must be whole class numbers, found {bad!r} "
-                            f"({labels.dtype})")
-        labels = labels.astype(np.int64)
-        if len(labels) != len(images):
-            raise DPDMError(f"{what} file {path}: {len(images)} images but {len(labels)} labels")
-    return images, labels
+    from dpdm.data import read_images
+
+    return read_images(path, what, "delete it and rerun the step that writes it")
 
 
 def _registry_num_classes(dataset: str | None) -> int | None:

@@ -603,35 +603,52 @@ def _prepare_hint(data_dir: Path) -> str:
     return f"run: python -m dpdm prepare --dataset {dataset} --out {data_dir}"
 
 
+def read_images(path: str | os.PathLike, what: str, fix: str, labels: str = "optional"
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images uint8 N x H x W x C, labels int64 [N] or None) from an npz with arrays
+    `images` (and `labels`): the one reader of image files (prepared splits, samples, FID
+    inputs). `labels`: "required", "optional" or "ignored". Every problem is a DPDMError
+    naming `what`, the file and `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DPDMError(f"{what} {path} does not exist; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            wanted = {"images", "labels"} if labels == "required" else {"images"}
+            if not wanted <= keys:
+                raise DPDMError(f"{what} {path} is malformed: it holds arrays {sorted(keys)}, expected "
+                                f"{' and '.join(repr(k) for k in sorted(wanted))}; {fix}")
+            images = z["images"]
+            found = z["labels"] if labels != "ignored" and "labels" in keys else None
+    except DPDMError:
+        raise
+    except Exception as e:  # BadZipFile, ValueError, OSError, EOFError ...
+        raise DPDMError(f"{what} {path} is malformed: truncated or not a readable .npz ({type(e).__name__}: {e}); "
+                        f"{fix}") from e
+    problems = []
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        problems.append(f"images must be uint8 N x H x W x C with C in (1, 3), got {images.dtype} {images.shape}")
+    if found is not None:
+        found = found.reshape(-1) if labels == "optional" else found
+        if found.ndim != 1 or found.dtype.kind not in "iuf":
+            problems.append(f"labels must be class numbers of shape (N,), got {found.dtype} {found.shape}")
+        elif found.dtype.kind == "f" and not np.array_equal(found, np.round(found)):
+            problems.append(f"labels must be whole class numbers, found {found[found != np.round(found)][0]!r}")
+        elif len(found) != len(images):
+            problems.append(f"{len(images)} images but {len(found)} labels")
+    if problems:
+        raise DPDMError(f"{what} {path} is malformed: " + "; ".join(problems) + f"; {fix}")
+    return images, None if found is None else found.astype(np.int64)
+
+
 def load_split(data_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 N x H x W x C, labels int64 N) of a prepared split ('train' or 'test')."""
     data_dir = Path(data_dir)
     if split not in SPLITS:
         raise DPDMError(f"unknown split '{split}'; choose one of {list(SPLITS)}")
-    path = data_dir / f"{split}.npz"
-    if not path.is_file():
-        raise DPDMError(f"prepared data {path} does not exist; {_prepare_hint(data_dir)}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            if not {"images", "labels"} <= keys:
-                raise DPDMError(f"{path} is malformed: it holds arrays {sorted(keys)}, expected 'images' and "
-                                f"'labels'; delete it and {_prepare_hint(data_dir)}")
-            images, labels = z["images"], z["labels"]
-    except DPDMError:
-        raise
-    except Exception as e:  # BadZipFile, ValueError, OSError, EOFError ...
-        raise DPDMError(f"{path} is malformed or truncated ({type(e).__name__}: {e}); delete it and "
-                        f"{_prepare_hint(data_dir)}") from e
-    problems = []
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        problems.append(f"images must be uint8 N x H x W x C with C in (1, 3), got {images.dtype} {images.shape}")
-    if labels.dtype != np.int64 or labels.ndim != 1:
-        problems.append(f"labels must be int64 of shape (N,), got {labels.dtype} {labels.shape}")
-    elif images.ndim >= 1 and len(labels) != len(images):
-        problems.append(f"{len(images)} images but {len(labels)} labels")
-    if problems:
-        raise DPDMError(f"{path} is malformed: " + "; ".join(problems) + f"; delete it and {_prepare_hint(data_dir)}")
+    images, labels = read_images(data_dir / f"{split}.npz", "prepared data", f"delete it and {_prepare_hint(data_dir)}",
+                                 labels="required")
     return images, labels
 
 

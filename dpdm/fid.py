@@ -316,20 +316,9 @@ def build_extractor(extractor: str = "inception", weights_path=None, device: Any
 
 
 def _load_images(path: Path) -> np.ndarray:
-    if not Path(path).is_file():
-        raise DPDMError(f"image file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as d:
-            if "images" not in d.files:
-                raise DPDMError(f"{path} has no 'images' array (keys: {d.files})")
-            images = d["images"]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DPDMError(f"cannot read {path} as an .npz of images ({type(e).__name__}: {e}); it is truncated or "
-                        "not an .npz: delete it and rerun the step that writes it") from e
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DPDMError(f"{path}: 'images' must be uint8 NHWC with 1 or 3 channels, got {images.dtype} "
-                        f"{images.shape}")
-    return images
+    from dpdm.data import read_images
+
+    return read_images(path, "image file", "delete it and rerun the step that writes it", labels="ignored")[0]
 
 
 def activation_statistics(images: np.ndarray, features: InceptionFeatures, batch_size: int = 200,

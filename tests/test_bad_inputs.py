@@ -183,7 +183,7 @@ CASES = [
          ("invalid choice: 12",)),
     # FID: broken files and mismatches
     Case("fid: truncated samples", "fid --samples {w}/trunc.npz --ref {w}/ref16.npz --out {w}/f.json "
-         "--extractor untrained --device cpu", 2, ("trunc.npz", "truncated or not an .npz"), absent=("f.json",)),
+         "--extractor untrained --device cpu", 2, ("trunc.npz", "truncated or not a readable .npz"), absent=("f.json",)),
     Case("fid: truncated reference", "fid --samples {w}/s16.npz --ref {w}/ref_trunc.npz --out {w}/f.json "
          "--extractor untrained --device cpu", 2, ("ref_trunc.npz", "truncated"), absent=("f.json",)),
     Case("fid: missing reference", "fid --samples {w}/s16.npz --ref {w}/nope.npz --out {w}/f.json "
