@@ -54,7 +54,6 @@ INCEPTION_NAME = "pytorch-fid-inception-v3-pool3"
 UNTRAINED_NAME = "untrained"
 
 # (resolved path, size, mtime_ns) -> sha256, so a weights file is hashed once per process.
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 # ----------------------------------------------------------------------------
@@ -78,22 +77,12 @@ def _hub_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILENAME
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, cached per (path, size, mtime) for the life of the process."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_file(path)
-    return _SHA_CACHE[key]
-
-
 def verify_weights(path: str | os.PathLike) -> str:
     """Check that `path` holds the FID Inception weights; return its sha256."""
     path = Path(path)
     if not path.is_file():
         raise DPDMError(_missing_weights_message(f"Inception weights file {path} does not exist."))
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     if digest != WEIGHTS_SHA256:
         raise DPDMError(
             f"Inception weights file {path} has sha256 {digest} ({path.stat().st_size:,} bytes), "
@@ -286,7 +275,7 @@ def build_extractor(extractor: str = "inception", weights_path=None, device: Any
             raise DPDMError(f"Inception weights file {path} does not fit the FID Inception network: {e}") from e
         identity = {
             "name": INCEPTION_NAME,
-            "weights": file_sha256(path),
+            "weights": sha256_file(path),
             "weights_path": str(path),
             "test_only": False,
         }
