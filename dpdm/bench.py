@@ -97,7 +97,7 @@ class Setup:
                          optimizer=self.optimizer, physical_batch_size=physical_batch_size,
                          grad_chunk_size=grad_chunk_size, dp_seed=seed, device=device)
         # Training's DP step (per-example gradients by rows), and the same with torch.func vmap.
-        self.dp = privacy.DPSGD(diffusion.example_loss, batch_loss_fn=diffusion.examples_loss, **mechanism)
+        self.dp = privacy.DPSGD(diffusion.example_loss, batch_loss_fn=diffusion.batch_example_losses, **mechanism)
         self.dp_vmap = privacy.DPSGD(diffusion.example_loss, **mechanism)
         self._hooked = None
 

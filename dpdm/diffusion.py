@@ -112,7 +112,7 @@ class EDMPrecond(Precond):
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
 
-class VPrecond(Precond):
+class VPredPrecond(Precond):
     """v-prediction (Salimans & Ho 2022) as DPDM defines it (its VDenoiser / VLoss).
 
     Cosine schedule: alpha_t = cos(pi t / 2), so sigma = tan(pi t / 2) in EDM's
@@ -221,7 +221,7 @@ class VEPrecond(Precond):
         return 1 / sigma ** 2
 
 
-PRECONDS = {"edm": EDMPrecond, "v": VPrecond, "vp": VPPrecond, "ve": VEPrecond}
+PRECONDS = {"edm": EDMPrecond, "v": VPredPrecond, "vp": VPPrecond, "ve": VEPrecond}
 
 
 def build_precond(settings: dict, resolution: int, channels: int, num_classes: int) -> Precond:
@@ -233,7 +233,7 @@ def build_precond(settings: dict, resolution: int, channels: int, num_classes: i
         return EDMPrecond(net, sigma_data=d.get("sigma_data", math.sqrt(1 / 3)), p_mean=d.get("p_mean", -1.2),
                           p_std=d.get("p_std", 1.2))
     if kind == "v":
-        return VPrecond(net, logsnr_min=d.get("logsnr_min", -9.0), logsnr_max=d.get("logsnr_max", 13.0))
+        return VPredPrecond(net, logsnr_min=d.get("logsnr_min", -9.0), logsnr_max=d.get("logsnr_max", 13.0))
     if kind == "vp":
         return VPPrecond(net, beta_d=d.get("vp_beta_d", 19.9), beta_min=d.get("vp_beta_min", 0.1),
                          eps_t=d.get("vp_eps_t", 1e-5))
@@ -324,8 +324,8 @@ def batch_loss(precond: Precond, y: torch.Tensor, labels: torch.Tensor | None, d
     return loss.reshape(b, -1).mean(dim=1)
 
 
-def examples_loss(precond: Precond, y: torch.Tensor, labels: torch.Tensor | None, sigma: torch.Tensor,
-                  noise: torch.Tensor) -> torch.Tensor:
+def batch_example_losses(precond: Precond, y: torch.Tensor, labels: torch.Tensor | None, sigma: torch.Tensor,
+                         noise: torch.Tensor) -> torch.Tensor:
     """`example_loss` of a whole batch in one forward of B*K rows (example-major), [B]:
     the batched twin that dpdm.privacy.DPSGD uses for per-example gradients by rows.
     labels: long [B] already dropped, or None; sigma: [B, K]; noise: [B, K, C, H, W]."""

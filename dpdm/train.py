@@ -422,7 +422,7 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
     dp = privacy.DPSGD(diffusion.example_loss, noise_multiplier=sigma, max_grad_norm=float(pr["clip"]),
                        num_examples=n, sample_rate=q, optimizer=optimizer,
                        physical_batch_size=tr["physical_batch_size"], grad_chunk_size=tr["grad_chunk_size"],
-                       dp_seed=privacy.dp_seed_from_env(dp_seed), device=device, batch_loss_fn=diffusion.examples_loss)
+                       dp_seed=privacy.dp_seed_from_env(dp_seed), device=device, batch_loss_fn=diffusion.batch_example_losses)
     state = TrainState(precond, copy.deepcopy(precond).requires_grad_(False).eval(), optimizer, dp)
     guard = {"settings_hash": training_settings_hash(settings), "training_settings": training_settings(settings),
              "dataset_sha256": d["sha256"], "device_type": device.type, "planned_steps": planned,

@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from dpdm.artifacts import DPDMError, save_torch
-from dpdm.diffusion import (EDMPrecond, VEPrecond, VPPrecond, VPrecond, apply_label_dropout, batch_loss,
+from dpdm.diffusion import (EDMPrecond, VEPrecond, VPPrecond, VPredPrecond, apply_label_dropout, batch_loss,
                             build_precond, draw_noise, example_loss, load_model, save_model)
 
 MODEL = {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.0}
@@ -32,7 +32,7 @@ def make(kind, num_classes=3, randomize=True):
 
 def test_build_precond_kinds():
     assert isinstance(make("edm"), EDMPrecond)
-    assert isinstance(make("v"), VPrecond)
+    assert isinstance(make("v"), VPredPrecond)
     assert isinstance(make("vp"), VPPrecond)
     assert isinstance(make("ve"), VEPrecond)
     with pytest.raises(DPDMError, match="diffusion.precond"):
@@ -199,7 +199,7 @@ def test_save_and_load_model(tmp_path):
     path = tmp_path / "model.pt"
     save_model(path, p, ema, settings_for("v"), spec(), step=12)
     loaded, settings, meta = load_model(path, "cpu")
-    assert isinstance(loaded, VPrecond) and not loaded.training
+    assert isinstance(loaded, VPredPrecond) and not loaded.training
     assert settings == settings_for("v") and meta["step"] == 12 and meta["spec"] == spec()
     for (k, a), b in zip(ema.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k

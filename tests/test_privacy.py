@@ -486,7 +486,7 @@ def test_adding_one_example_changes_the_clipped_sum_by_at_most_c_now_and_nothing
 
     def world():
         return privacy.DPSGD(diffusion.example_loss, noise_multiplier=1.0, max_grad_norm=clip, num_examples=n + 1,
-                             sample_rate=0.2, dp_seed=11, batch_loss_fn=diffusion.examples_loss)
+                             sample_rate=0.2, dp_seed=11, batch_loss_fn=diffusion.batch_example_losses)
 
     def inputs(dp, idx):
         idx = torch.as_tensor(idx)

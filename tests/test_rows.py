@@ -38,7 +38,7 @@ def _ddpmpp_batch(num_classes, k, n=5, seed=1):
 def test_rows_equal_one_autograd_pass_per_example_on_ddpmpp(num_classes, k):
     precond, batch = _ddpmpp_batch(num_classes, k)
     assert privacy.unsupported(precond) == []
-    fast, losses = privacy.per_example_grads(precond, diffusion.examples_loss, batch, method="rows")
+    fast, losses = privacy.per_example_grads(precond, diffusion.batch_example_losses, batch, method="rows")
     ref, ref_losses = privacy.per_example_grads_loop(precond, diffusion.example_loss, batch)
     assert set(fast) == set(ref)
     for name in ref:
