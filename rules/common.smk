@@ -28,7 +28,14 @@ def _load_config():
     the cells it names, not the paper's grid and ablations besides (list
     config/config.yaml first to build on the paper). Snakemake's own merge blends every
     mapping key by key; jobs get the same --configfiles and --config. --config values
-    arrive as strings and are read as YAML (dpdm.config.parse_strings)."""
+    arrive as strings and are read as YAML (dpdm.config.parse_strings).
+
+    Why `workflow.config_settings` (not public API): Snakemake's public `config` is
+    already merged by its own rules, which blend the paper's mappings into a user's;
+    rebuilding the config needs the original --configfile list and --config values,
+    which Snakemake 9 exposes only there. Why not snakemake.utils.validate: the same
+    schema is validated by dpdm.config.validate, also outside Snakemake (`python -m dpdm
+    ... --config`), with messages that name the key and the fix."""
     cli_files = [os.path.abspath(f) for f in workflow.config_settings.configfiles]
     files = cli_files or list(workflow.configfiles)
     return dpcfg.load_config(
