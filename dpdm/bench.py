@@ -48,6 +48,7 @@ import time
 import torch
 
 from dpdm.artifacts import atomic_path
+from dpdm.data import DATASETS
 from dpdm.devices import pick_device
 from dpdm.memory import freed_memory_kept, release_freed_memory
 from dpdm.networks import count_parameters
@@ -92,7 +93,7 @@ class Setup:
         self.labels = torch.randint(classes, [batch], generator=gen, device=device) if classes else None
         self.draw = diffusion.draw_noise(self.precond, batch, k, (channels, resolution, resolution), classes, 0.1, gen)
         self.dropped = diffusion.apply_label_dropout(self.labels, self.draw.drop, classes)
-        n = 60000
+        n = DATASETS["mnist"].expected_counts["train"]  # only q = B / N matters: MNIST's
         mechanism = dict(noise_multiplier=1.0, max_grad_norm=1.0, num_examples=n, sample_rate=batch / n,
                          optimizer=self.optimizer, physical_batch_size=physical_batch_size,
                          grad_chunk_size=grad_chunk_size, dp_seed=seed, device=device)

@@ -288,7 +288,7 @@ def classify(settings: dict, samples_path, test_path, classifier: str, out_path)
     cfg = settings["classify"]
     seed = int((settings.get("cell") or {}).get("seed", 0))
     epochs, batch_size, lr = int(cfg["epochs"]), int(cfg["batch_size"]), float(cfg["lr"])
-    val_fraction = float(cfg.get("val_fraction", 0.1))
+    val_fraction = float(cfg["val_fraction"])
     device = pick_device(settings.get("device", "auto"))
 
     syn_x, syn_y = _read_npz(samples_path, "samples")
@@ -532,9 +532,8 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
     seed = int((settings.get("cell") or {}).get("seed", 0))
     epochs, batch_size, lr, clip = int(cfg["epochs"]), int(cfg["batch_size"]), float(cfg["lr"]), float(cfg["clip"])
     target_eps, delta = float(priv["target_eps"]), float(priv["delta"])
-    accountant = priv.get("accountant", "rdp")
-    calibration = priv.get("calibration", "tight")
-    if priv.get("sampling", "poisson") != "poisson":
+    accountant, calibration = priv["accountant"], priv["calibration"]
+    if priv["sampling"] != "poisson":
         raise DPDMError(f"privacy.sampling = {priv.get('sampling')!r}: only poisson sampling is supported")
     device = pick_device(settings.get("device", "auto"))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -91,6 +92,17 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise DPDMError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults_file() -> dict:
+    return read_yaml(DEFAULTS_FILE)
+
+
+def with_defaults(section: str, given: dict | None) -> dict:
+    """`given` (a section of a cell's settings, possibly partial: e.g. an older model.pt's
+    or a test's) over that section of dpdm/defaults.yaml, the one place defaults live."""
+    return {**copy.deepcopy(_defaults_file()["defaults"][section]), **(given or {})}
 
 
 def parse_override(text: str) -> dict:

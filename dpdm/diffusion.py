@@ -226,19 +226,19 @@ PRECONDS = {"edm": EDMPrecond, "v": VPredPrecond, "vp": VPPrecond, "ve": VEPreco
 
 def build_precond(settings: dict, resolution: int, channels: int, num_classes: int) -> Precond:
     """The preconditioned denoiser of settings["diffusion"] around the network of settings["model"]."""
-    d = settings.get("diffusion", {}) or {}
-    kind = d.get("precond", "edm")
+    from dpdm.config import with_defaults
+
+    d = with_defaults("diffusion", settings.get("diffusion"))
+    kind = d["precond"]
     net = build_network(settings, resolution, channels, num_classes)
     if kind == "edm":
-        return EDMPrecond(net, sigma_data=d.get("sigma_data", math.sqrt(1 / 3)), p_mean=d.get("p_mean", -1.2),
-                          p_std=d.get("p_std", 1.2))
+        return EDMPrecond(net, sigma_data=d["sigma_data"], p_mean=d["p_mean"], p_std=d["p_std"])
     if kind == "v":
-        return VPredPrecond(net, logsnr_min=d.get("logsnr_min", -9.0), logsnr_max=d.get("logsnr_max", 13.0))
+        return VPredPrecond(net, logsnr_min=d["logsnr_min"], logsnr_max=d["logsnr_max"])
     if kind == "vp":
-        return VPPrecond(net, beta_d=d.get("vp_beta_d", 19.9), beta_min=d.get("vp_beta_min", 0.1),
-                         eps_t=d.get("vp_eps_t", 1e-5))
+        return VPPrecond(net, beta_d=d["vp_beta_d"], beta_min=d["vp_beta_min"], eps_t=d["vp_eps_t"])
     if kind == "ve":
-        return VEPrecond(net, sigma_min=d.get("ve_sigma_min", 0.02), sigma_max=d.get("ve_sigma_max", 100.0))
+        return VEPrecond(net, sigma_min=d["ve_sigma_min"], sigma_max=d["ve_sigma_max"])
     raise DPDMError(f"config key 'diffusion.precond': unknown preconditioning '{kind}'; "
                     f"choose one of {sorted(PRECONDS)}")
 

@@ -283,16 +283,18 @@ class DDPMpp(nn.Module):
 
 def build_network(settings: dict, resolution: int, channels: int, num_classes: int) -> DDPMpp:
     """The DDPM++ network described by settings["model"] for images [channels, resolution, resolution]."""
-    model = settings.get("model", {}) or {}
+    from dpdm.config import with_defaults
+
+    model = with_defaults("model", settings.get("model"))
     return DDPMpp(
         img_resolution=int(resolution),
         in_channels=int(channels),
         num_classes=int(num_classes),
-        model_channels=int(model.get("channels", 32)),
-        channel_mult=tuple(int(m) for m in model.get("channel_mult", (1, 2, 2))),
-        num_blocks=int(model.get("num_blocks", 2)),
-        attn_resolutions=tuple(int(r) for r in model.get("attn_resolutions", (7,))),
-        dropout=float(model.get("dropout", 0.0)),
+        model_channels=int(model["channels"]),
+        channel_mult=tuple(int(m) for m in model["channel_mult"]),
+        num_blocks=int(model["num_blocks"]),
+        attn_resolutions=tuple(int(r) for r in model["attn_resolutions"]),
+        dropout=float(model["dropout"]),
     )
 
 

@@ -275,9 +275,11 @@ def generate(settings: dict, model_path, sampler_name: str, out_path, grid_path=
     _check_same_cell(model_path, trained_with.get("cell") or {}, settings.get("cell") or {})
     opts = resolve_sampler(samplers[sampler_name], precond)
     spec = meta["spec"]
-    sample_cfg = settings.get("sample", {}) or {}
-    n = int(num_samples or sample_cfg.get("num_samples", 60000))
-    bs = int(batch_size or sample_cfg.get("batch_size", 1000))
+    from dpdm.config import with_defaults
+
+    sample_cfg = with_defaults("sample", settings.get("sample"))
+    n = int(num_samples or sample_cfg["num_samples"])
+    bs = int(batch_size or sample_cfg["batch_size"])
     seed = int((settings.get("cell") or {}).get("seed", 0))
     num_classes = int(spec["num_classes"])
     if num_classes == 0 and float(opts["guidance"]) > 0:
@@ -303,6 +305,6 @@ def generate(settings: dict, model_path, sampler_name: str, out_path, grid_path=
     labels = np.concatenate(labels)
     save_npz(out_path, images=images, labels=labels)
     if grid_path is not None:
-        save_grid(grid_path, images, labels, int(sample_cfg.get("grid_size", 10)))
+        save_grid(grid_path, images, labels, int(sample_cfg["grid_size"]))
     return {"num_samples": n, "sampler": sampler_name, "options": opts, "model_step": meta["step"],
             "out": str(Path(out_path))}

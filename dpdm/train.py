@@ -317,8 +317,7 @@ def plan(settings: dict, num_examples: int) -> dict:
     if tr.get("max_steps"):
         steps = min(steps, int(tr["max_steps"]))
     sigma = privacy.noise_multiplier_for(float(target_eps), delta, q, steps,
-                                         accountant=pr.get("accountant", "rdp"),
-                                         calibration=pr.get("calibration", "tight"))
+                                         accountant=pr["accountant"], calibration=pr["calibration"])
     return {"sample_rate": q, "planned_steps": steps, "noise_multiplier": sigma, "target_eps": float(target_eps),
             "delta": delta, "num_examples": int(num_examples)}
 
