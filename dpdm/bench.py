@@ -294,7 +294,7 @@ def bench_sampling(setup: Setup, batch: int, steps: int, repeats: int) -> dict:
         precond(latents, sigma, labels)
 
     def sample():
-        sampling.sample(precond, latents, labels, opts, generator=gen)
+        sampling.run_sampler(precond, latents, labels, opts, generator=gen)
 
     with torch.inference_mode():
         t = time_alternating({"forward": forward, "sample": sample}, repeats, 1, device)

@@ -167,7 +167,7 @@ def resolve_sampler(options: dict, precond=None) -> dict:
     return opts
 
 
-def sample(precond, latents: torch.Tensor, class_labels: torch.Tensor | None, options: dict,
+def run_sampler(precond, latents: torch.Tensor, class_labels: torch.Tensor | None, options: dict,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Run one sampler (settings as in config `samplers.<name>`) from latents ~ N(0, I).
     Returns float64 samples [N, C, H, W] (unclipped)."""
@@ -295,7 +295,7 @@ def generate(settings: dict, model_path, sampler_name: str, out_path, grid_path=
             gen = torch.Generator(device=device).manual_seed(batch_seed(seed, sampler_name, b))
             latents = torch.randn([m, *shape], generator=gen, device=device)
             class_labels = _labels_for(opts, num_classes, m, gen, device)
-            x = sample(precond, latents, class_labels, opts, generator=gen)
+            x = run_sampler(precond, latents, class_labels, opts, generator=gen)
             images.append(to_uint8(x))
             if class_labels is None:
                 labels.append(np.full([m], -1, dtype=np.int64))

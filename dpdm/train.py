@@ -449,7 +449,7 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
         precond.train()
         while dp.steps < planned:
             t0 = time.time()
-            idx = dp.sample()
+            idx = dp.poisson_batch()
             y = data.to_model_range(images[idx]).to(device)
             stats = dp.step(precond, private_batch(dp, precond, y, None if labels is None else labels[idx], idx, k,
                                                    label_dropout))

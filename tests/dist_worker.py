@@ -18,13 +18,13 @@ def run(out_path):
                        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2))
     stats = []
     for _ in range(3):
-        idx = dp.sample()
+        idx = dp.poisson_batch()
         stats.append(dp.step(model, tuple(t[idx] for t in data)))
     secret = privacy.DPSGD(standin_loss, noise_multiplier=1.0, max_grad_norm=1.0, num_examples=1000,
                            sample_rate=0.3)  # no dp_seed: rank 0's OS-entropy seed, broadcast
     torch.save({"params": [p.detach() for p in model.parameters()], "stats": stats,
                 "noise_state": dp.noise_generator.get_state(), "history": dp.history,
-                "secret_batches": [secret.sample() for _ in range(3)]}, out_path)
+                "secret_batches": [secret.poisson_batch() for _ in range(3)]}, out_path)
 
 
 if __name__ == "__main__":

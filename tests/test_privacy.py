@@ -258,7 +258,7 @@ def test_poisson_sampling_rate_is_q():
     counts = torch.zeros(n)
     sizes = []
     for _ in range(draws):
-        idx = dp.sample()
+        idx = dp.poisson_batch()
         assert idx.dtype == torch.long and len(set(idx.tolist())) == len(idx)  # no duplicates
         counts[idx] += 1
         sizes.append(len(idx))
@@ -270,19 +270,19 @@ def test_poisson_sampling_rate_is_q():
     assert counts.min() > 0 and counts.max() < draws
     # empty batches happen at small q and are returned as empty
     small = _dp(1.0, n=10, q=0.05, dp_seed=2)
-    sizes = [len(small.sample()) for _ in range(200)]
+    sizes = [len(small.poisson_batch()) for _ in range(200)]
     assert 0.4 < sizes.count(0) / 200 < 0.8  # P(empty) = 0.95^10 = 0.60
 
 
 def test_sampling_reproducible_from_seed_and_state():
     a, b = _dp(1.0, n=500, q=0.2, dp_seed=3), _dp(1.0, n=500, q=0.2, dp_seed=3)
-    assert all(torch.equal(a.sample(), b.sample()) for _ in range(5))
+    assert all(torch.equal(a.poisson_batch(), b.poisson_batch()) for _ in range(5))
     c = _dp(1.0, n=500, q=0.2, dp_seed=4)
-    assert not torch.equal(a.sample(), c.sample())
+    assert not torch.equal(a.poisson_batch(), c.poisson_batch())
     # by default the sampling and noise randomness is secret: fresh per instance, flagged
     d, e = _dp(1.0, n=500, q=0.2), _dp(1.0, n=500, q=0.2)
     assert d.secret_randomness and not a.secret_randomness
-    assert not torch.equal(d.sample(), e.sample())
+    assert not torch.equal(d.poisson_batch(), e.poisson_batch())
     assert not torch.equal(d.noise_generator.get_state(), e.noise_generator.get_state())
 
 
@@ -295,7 +295,7 @@ def test_examples_outside_the_batch_do_not_affect_the_step():
                  optimizer=torch.optim.Adam(model.parameters(), lr=1e-2))
         picked = []
         for _ in range(3):
-            idx = dp.sample()
+            idx = dp.poisson_batch()
             picked.append(idx)
             dp.step(model, tuple(t[idx] for t in dataset))
         return [p.detach().clone() for p in model.parameters()], picked
@@ -327,7 +327,7 @@ def test_state_dict_resumes_sampling_and_noise_exactly():
     b = _dp(1.0, n=50, q=0.2, dp_seed=999)  # a different seed: the state must override it
     b.load_state_dict(state)
     m2.load_state_dict(m1.state_dict())
-    assert torch.equal(a.sample(), b.sample())
+    assert torch.equal(a.poisson_batch(), b.poisson_batch())
     a.step(m1, batch)
     b.step(m2, batch)
     assert torch.equal(_flat_grad(m1), _flat_grad(m2))

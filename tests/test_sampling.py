@@ -9,7 +9,7 @@ from PIL import Image
 
 from dpdm.artifacts import DPDMError
 from dpdm.diffusion import build_precond, save_model
-from dpdm.sampling import (GuidedDenoiser, ddim_sampler, edm_sampler, generate, resolve_sampler, sample,
+from dpdm.sampling import (GuidedDenoiser, ddim_sampler, edm_sampler, generate, resolve_sampler, run_sampler,
                            sigma_steps, stochastic_ddim_sampler)
 
 
@@ -139,7 +139,7 @@ def test_guided_sampling_moves_class_means(w):
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(4000) % 2
     latents = torch.randn([4000, 1, 2, 2], generator=g, dtype=torch.float64)
-    x = sample(den, latents, labels, {"kind": "edm", "steps": 30, "guidance": w}, generator=g)
+    x = run_sampler(den, latents, labels, {"kind": "edm", "steps": 30, "guidance": w}, generator=g)
     for c, mu in enumerate([-0.5, 0.5]):
         target = mu + w * (mu - 0.1)
         assert abs(x[labels == c].mean().item() - target) < 0.03

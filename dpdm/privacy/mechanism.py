@@ -79,7 +79,7 @@ class DPSGD:
 
     `loss_fn(model, *example)` (positional) is ONE example's scalar loss.
 
-    * the batch comes from `sample()`: every example independently with probability
+    * the batch comes from `poisson_batch()`: every example independently with probability
       q (stock Opacus sampler, its own generator); an empty batch is still a step (its
       update is pure noise) and is still counted by the accountant;
     * the noise is drawn ONCE per logical step and the sum is divided by the EXPECTED
@@ -150,7 +150,7 @@ class DPSGD:
 
     # -- sampling and the per-example randomness ---------------------------
 
-    def sample(self):
+    def poisson_batch(self):
         """The next logical batch: int64 indices into the training set (may be empty)."""
         return draw_poisson_batch(self._sampler)
 
