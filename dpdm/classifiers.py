@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dpdm.artifacts import DPDMError, provenance, save_json, sha256_file, torch_load_error
+from dpdm.data import read_images
 from dpdm.devices import pick_device
 from dpdm.networks import count_parameters
 from dpdm.registry import CLASSIFIERS
@@ -137,12 +138,6 @@ def build_classifier(name: str, resolution, channels: int, num_classes: int):
 
 # ----------------------------------------------------------------------------
 # Data.
-
-
-def _read_npz(path: Path, what: str) -> tuple[np.ndarray, np.ndarray | None]:
-    from dpdm.data import read_images
-
-    return read_images(path, what, "delete it and rerun the step that writes it")
 
 
 def _registry_num_classes(dataset: str | None) -> int | None:
@@ -291,8 +286,8 @@ def classify(settings: dict, samples_path, test_path, classifier: str, out_path)
     val_fraction = float(cfg["val_fraction"])
     device = pick_device(settings.get("device", "auto"))
 
-    syn_x, syn_y = _read_npz(samples_path, "samples")
-    test_x, test_y = _read_npz(test_path, "real test split")
+    syn_x, syn_y = read_images(samples_path, "samples")
+    test_x, test_y = read_images(test_path, "real test split")
     num_classes = _num_classes(settings, test_path.parent, *(lab for lab in (syn_y, test_y) if lab is not None))
     syn_y = _check_labels(syn_y, num_classes, f"samples {samples_path}")
     test_y = _check_labels(test_y, num_classes, f"real test split {test_path}")
@@ -422,7 +417,7 @@ def judge_samples(settings: dict, judge_path, samples_path, out_path) -> dict:
         raise DPDMError(f"judge {judge_path} cannot be read ({torch_load_error(e)}); delete it and rerun "
                         "(python -m dpdm judge-fit)") from e
     spec = judge["spec"]
-    images, labels = _read_npz(samples_path, "samples")
+    images, labels = read_images(samples_path, "samples")
     labels = _check_labels(labels, int(spec["num_classes"]), f"samples {samples_path}")
     if list(images.shape[1:]) != list(spec["image_shape"]):
         raise DPDMError(f"samples {samples_path} are {list(images.shape[1:])} (H, W, C) but the judge {judge_path} "

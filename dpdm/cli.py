@@ -17,8 +17,8 @@ import traceback
 from pathlib import Path
 
 from dpdm.artifacts import DPDMError
-from dpdm.registry import CLASSIFIERS
 from dpdm.memory import keep_freed_memory
+from dpdm.registry import CLASSIFIERS
 
 log = logging.getLogger("dpdm")
 

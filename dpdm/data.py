@@ -603,8 +603,8 @@ def _prepare_hint(data_dir: Path) -> str:
     return f"run: python -m dpdm prepare --dataset {dataset} --out {data_dir}"
 
 
-def read_images(path: str | os.PathLike, what: str, fix: str, labels: str = "optional"
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+def read_images(path: str | os.PathLike, what: str, fix: str = "delete it and rerun the step that writes it",
+                labels: str = "optional") -> tuple[np.ndarray, np.ndarray | None]:
     """(images uint8 N x H x W x C, labels int64 [N] or None) from an npz with arrays
     `images` (and `labels`): the one reader of image files (prepared splits, samples, FID
     inputs). `labels`: "required", "optional" or "ignored". Every problem is a DPDMError

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from dpdm.artifacts import DPDMError, atomic_path, provenance, save_json, save_npz, sha256_file
+from dpdm.data import read_images
 from dpdm.devices import pick_device
 
 log = logging.getLogger(__name__)
@@ -304,12 +305,6 @@ def build_extractor(extractor: str = "inception", weights_path=None, device: Any
 # Statistics.
 
 
-def _load_images(path: Path) -> np.ndarray:
-    from dpdm.data import read_images
-
-    return read_images(path, "image file", "delete it and rerun the step that writes it", labels="ignored")[0]
-
-
 def activation_statistics(images: np.ndarray, features: InceptionFeatures, batch_size: int = 200,
                           desc: str = "inception features") -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (float64) of the features of `images`, streamed batch by batch.
@@ -415,7 +410,7 @@ def compute_reference(data_dir, split, out_path, extractor="inception", weights_
     as the paper). Fewer images make a noisier reference: for smoke tests."""
     started = time.time()
     data_path = Path(data_dir) / f"{split}.npz"
-    images = _load_images(data_path)
+    images = read_images(data_path, "image file", labels="ignored")[0]
     if num_images is not None:
         if not 2 <= num_images:
             raise DPDMError(f"fid.reference_images = {num_images}: a covariance needs at least 2 images")
@@ -473,7 +468,7 @@ def compute_fid(samples_path, ref_path, out_path, extractor="inception", weights
                 f"(weights {ident['weights']}). Recompute the reference with the same --extractor/--weights "
                 "(`python -m dpdm fid-ref`)."
             )
-    images = _load_images(Path(samples_path))
+    images = read_images(samples_path, "image file", labels="ignored")[0]
     for path, ref in zip(ref_paths, refs):
         if tuple(ref["image_shape"]) != images.shape[1:]:
             raise DPDMError(f"samples {samples_path} are {_shape_text(images.shape[1:])} images but reference {path} "
