@@ -221,7 +221,13 @@ class VEPrecond(Precond):
         return 1 / sigma ** 2
 
 
-PRECONDS = {"edm": EDMPrecond, "v": VPredPrecond, "vp": VPPrecond, "ve": VEPrecond}
+# config `diffusion.precond` -> (class, {constructor argument: config key of `diffusion`}).
+PRECONDS = {
+    "edm": (EDMPrecond, {"sigma_data": "sigma_data", "p_mean": "p_mean", "p_std": "p_std"}),
+    "v": (VPredPrecond, {"logsnr_min": "logsnr_min", "logsnr_max": "logsnr_max"}),
+    "vp": (VPPrecond, {"beta_d": "vp_beta_d", "beta_min": "vp_beta_min", "eps_t": "vp_eps_t"}),
+    "ve": (VEPrecond, {"sigma_min": "ve_sigma_min", "sigma_max": "ve_sigma_max"}),
+}
 
 
 def build_precond(settings: dict, resolution: int, channels: int, num_classes: int) -> Precond:
@@ -229,18 +235,12 @@ def build_precond(settings: dict, resolution: int, channels: int, num_classes: i
     from dpdm.config import with_defaults
 
     d = with_defaults("diffusion", settings.get("diffusion"))
-    kind = d["precond"]
+    if d["precond"] not in PRECONDS:
+        raise DPDMError(f"config key 'diffusion.precond': unknown preconditioning '{d['precond']}'; "
+                        f"choose one of {sorted(PRECONDS)}")
+    cls, keys = PRECONDS[d["precond"]]
     net = build_network(settings, resolution, channels, num_classes)
-    if kind == "edm":
-        return EDMPrecond(net, sigma_data=d["sigma_data"], p_mean=d["p_mean"], p_std=d["p_std"])
-    if kind == "v":
-        return VPredPrecond(net, logsnr_min=d["logsnr_min"], logsnr_max=d["logsnr_max"])
-    if kind == "vp":
-        return VPPrecond(net, beta_d=d["vp_beta_d"], beta_min=d["vp_beta_min"], eps_t=d["vp_eps_t"])
-    if kind == "ve":
-        return VEPrecond(net, sigma_min=d["ve_sigma_min"], sigma_max=d["ve_sigma_max"])
-    raise DPDMError(f"config key 'diffusion.precond': unknown preconditioning '{kind}'; "
-                    f"choose one of {sorted(PRECONDS)}")
+    return cls(net, **{arg: d[key] for arg, key in keys.items()})
 
 
 # ----------------------------------------------------------------------------
