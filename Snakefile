@@ -3,7 +3,8 @@
 #
 #   snakemake all --cores 2 --configfile config/smoke.yaml   # tiny, offline, CPU
 #   snakemake --profile slurm all                             # the paper, on SLURM
-#   snakemake --profile slurm ablation_noise_multiplicity     # one ablation table
+#   snakemake --profile slurm ablations                       # every ablation table
+#   snakemake --profile slurm results/tables/table3.tex       # one ablation table
 #
 # Config: config/config.yaml (+ --configfile overrides), validated against
 # workflow/schemas/config.schema.yaml; every key is documented in config/README.md.

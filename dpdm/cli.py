@@ -211,7 +211,7 @@ def cmd_baseline(args):
 def cmd_report(args):
     from dpdm import report
 
-    report.build_report([Path(p) for p in args.inputs], out_dir=Path(args.out), loss_curves=args.loss_curves)
+    report.build_report(report.read_manifest(args.manifest), out_dir=Path(args.out), loss_curves=args.loss_curves)
 
 
 def cmd_report_ablation(args):
@@ -341,8 +341,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--loss-curves", action="store_true",
                    help="opt in to figures/loss_curves from the cells' private/train_metrics.csv (training losses "
                         "are NOT covered by the DP guarantee; config report.loss_curves)")
-    p.add_argument("inputs", nargs="+", help="privacy.json, fid_*.json, classify_*.json, baseline JSONs "
-                                             "(and private/train_metrics.csv with --loss-curves)")
+    p.add_argument("--manifest", required=True,
+                   help="JSON file listing every input and what it is (the workflow writes it: "
+                        "{results}/tables/report_inputs.json; entries as dpdm.layout.Entry)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("report-ablation", help="one ablation's table and figure (paper Tables 3, 5, 6)")

@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import yaml
 
 from dpdm.artifacts import DPDMError
+from dpdm.layout import REPORT_TABLES, cell_dir, eps_tag
 
 log = logging.getLogger("dpdm")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -267,11 +268,6 @@ def _check_cells(config: dict) -> None:
 # Cells.
 
 
-def eps_tag(eps: float) -> str:
-    """0.2 -> 'eps0.2', 1.0 -> 'eps1', 10 -> 'eps10' (as the config writes it)."""
-    return f"eps{float(eps):g}"
-
-
 def parse_eps(text: str | float) -> float:
     """'eps10', '10', 10 -> 10.0; ValueError for anything else."""
     text = str(text)
@@ -369,8 +365,7 @@ class CellPlan:
     @property
     def path(self) -> str:
         """The cell's folder relative to paths.results."""
-        variant = f"{self.variant}/" if self.variant else ""
-        return f"{self.dataset}/{eps_tag(self.eps)}/{variant}seed{self.seed}"
+        return cell_dir(self.dataset, self.eps, self.seed, self.variant)
 
 
 @dataclasses.dataclass
@@ -476,7 +471,22 @@ def plan_grid(config: dict) -> Grid:
             "fid": bool(config["fid"]["enabled"]),
             "rows": rows,
         }
+    _check_table_names(ablations)
     return Grid(cells, ablations)
+
+
+def _check_table_names(ablations: dict) -> None:
+    """Each ablation writes tables/<table>.tex: a name of its own, not one of the report's."""
+    seen = {t: "the main report" for t in REPORT_TABLES}
+    for name, abl in ablations.items():
+        table = abl["table"]
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", table):
+            raise DPDMError(f"config key 'ablations.{name}.table' = {table!r}: a table name is letters, digits, "
+                            "'_', '.' or '-' (it names tables/<table>.tex)")
+        if table in seen:
+            raise DPDMError(f"config key 'ablations.{name}.table' = {table!r} is already written by {seen[table]}; "
+                            "give the ablation a table name of its own")
+        seen[table] = f"ablation '{name}'"
 
 
 def cell_settings(config: dict, plan: CellPlan) -> dict:

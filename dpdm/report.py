@@ -1,13 +1,10 @@
 """Result files -> the paper's tables (LaTeX + CSV) and figures (PDF + PNG).
 
 Every number comes from a result file written by another stage; nothing is typed in
-by hand. Files are recognised by name (DESIGN.md's layout):
-
-    {results}/{dataset}/{eps}/seed{seed}/privacy.json            the privacy ledger
-    {results}/{dataset}/{eps}/seed{seed}/train_metrics.csv       training curves
-    {results}/{dataset}/{eps}/seed{seed}/fid_{sampler}.json
-    {results}/{dataset}/{eps}/seed{seed}/classify_{sampler}_{classifier}.json
-    {results}/{dataset}/baseline/{eps}/seed{seed}/{classifier}.json
+by hand. What each file is (a ledger, an FID, a classifier's accuracy, a DP-SGD
+baseline, a sample grid; of which dataset, eps, seed, sampler and classifier) comes
+from the manifest the workflow writes from dpdm.layout (rule report_manifest), never
+from the file's name.
 
 Tables (paper numbering): table1 = FID and downstream accuracy of class-conditional
 datasets (Table 1); table2 = DP-SGD classifiers on real data vs. classifiers trained on
@@ -19,13 +16,14 @@ every table and figure that shows them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from dpdm import layout
 from dpdm.artifacts import DPDMError, atomic_path, load_json
 from dpdm.registry import CLASSIFIERS
 
@@ -40,35 +38,22 @@ PRETTY_DATASET = {
 }
 PRETTY_CLASSIFIER = {"logreg": "Log Reg", "mlp": "MLP", "cnn": "CNN"}
 UNTRAINED_NOTE = "FID from an UNTRAINED extractor (test-only mode): not comparable to the paper"
-
-_CELL = r"(?P<dataset>[a-z0-9_]+)/eps(?P<eps>[0-9.e+-]+)/(?:(?P<variant>[A-Za-z0-9.-]+)/)?seed(?P<seed>[0-9]+)"
-_CLASSIFIER = "(?P<classifier>" + "|".join(CLASSIFIERS) + ")"
-PATTERNS = {
-    "privacy": re.compile(_CELL + r"/privacy\.json$"),
-    "metrics": re.compile(_CELL + r"/private/train_metrics\.csv$"),
-    "fid": re.compile(_CELL + r"/fid_(?P<sampler>[A-Za-z0-9-]+)\.json$"),
-    "classify": re.compile(_CELL + r"/classify_(?P<sampler>[A-Za-z0-9-]+)_" + _CLASSIFIER + r"\.json$"),
-    "judge": re.compile(_CELL + r"/judge_(?P<sampler>[A-Za-z0-9-]+)\.json$"),
-    "baseline": re.compile(
-        r"(?P<dataset>[a-z0-9_]+)/baseline/eps(?P<eps>[0-9.e+-]+)/seed(?P<seed>[0-9]+)/" + _CLASSIFIER + r"\.json$"
-    ),
-}
+KINDS = ("privacy", "metrics", "fid", "classify", "judge", "baseline", "grid")  # what the report reads
 
 
 # ----------------------------------------------------------------------------
 # Collecting results.
 
 
-def _classify_path(path: Path) -> tuple[str, dict] | None:
-    text = path.as_posix()
-    for kind in ("baseline", "privacy", "metrics", "fid", "classify", "judge"):
-        m = PATTERNS[kind].search(text)
-        if m:
-            info = m.groupdict()
-            info["eps"] = float(info["eps"])
-            info["seed"] = int(info["seed"])
-            return kind, info
-    return None
+def read_manifest(path: str | Path) -> list[layout.Entry]:
+    """The report's inputs from the manifest file the workflow writes ({"entries": [...]})."""
+    data = load_json(path)
+    fields = {f.name for f in dataclasses.fields(layout.Entry)}
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and set(e) == fields for e in entries):
+        raise DPDMError(f"{path} is not a report manifest: expected {{\"entries\": [...]}}, each entry with the keys "
+                        f"{sorted(fields)} (the workflow's rule report_manifest writes it)")
+    return [layout.Entry(**e) for e in entries]
 
 
 def _tuned_on(data: dict, sampler: str) -> str:
@@ -77,20 +62,24 @@ def _tuned_on(data: dict, sampler: str) -> str:
     return ((settings.get("samplers") or {}).get(sampler) or {}).get("tuned_on") or ""
 
 
-def collect(paths: list[Path], loss_curves: bool = False) -> dict[str, pd.DataFrame]:
+def collect(entries: list[layout.Entry], loss_curves: bool = False) -> dict[str, pd.DataFrame]:
     """Read every result file into one tidy DataFrame per kind."""
-    rows: dict[str, list[dict]] = {k: [] for k in PATTERNS}
-    for path in paths:
-        found = _classify_path(Path(path))
-        if found is None:
-            raise DPDMError(f"{path} is not a result file in the workflow's layout: the report reads "
-                            "{dataset}/eps{eps}/[{variant}/]seed{seed}/privacy.json, fid_{sampler}.json, "
-                            "classify_{sampler}_{classifier}.json, judge_{sampler}.json (and private/"
-                            "train_metrics.csv) and {dataset}/baseline/eps{eps}/seed{seed}/{classifier}.json; "
-                            "move it there or leave it out")
-        kind, info = found
-        if "variant" in PATTERNS[kind].groupindex:
-            info["variant"] = info.get("variant") or ""
+    rows: dict[str, list[dict]] = {k: [] for k in KINDS}
+    for e in entries:
+        if e.kind not in KINDS:
+            raise DPDMError(f"{e.path}: the report does not read results of kind '{e.kind}' (it reads {KINDS})")
+        if e.classifier and e.classifier not in CLASSIFIERS:
+            raise DPDMError(f"{e.path}: unknown classifier '{e.classifier}' (the classifiers are {CLASSIFIERS})")
+        path = Path(e.path)
+        info = dict(dataset=e.dataset, eps=float(e.eps), seed=int(e.seed), variant=e.variant)
+        if e.kind in ("fid", "classify", "judge", "grid"):
+            info["sampler"] = e.sampler
+        if e.kind in ("classify", "baseline"):
+            info["classifier"] = e.classifier
+        kind = e.kind
+        if kind == "grid":
+            rows[kind].append(dict(info, path=str(path)))
+            continue
         if kind == "metrics":
             if not loss_curves:
                 raise DPDMError(f"{path}: training losses are computed on private data without noise and are not "
@@ -113,15 +102,14 @@ def collect(paths: list[Path], loss_curves: bool = False) -> dict[str, pd.DataFr
         elif kind == "fid":
             fids = data.get("fids") or {(data.get("reference") or {}).get("split", "train"): data["fid"]}
             info.update(fid=data["fid"], test_only=bool(data.get("test_only", False)),
-                        extractor=data.get("extractor"), path=str(Path(path).parent),
-                        tuned_on=_tuned_on(data, info["sampler"]),
+                        extractor=data.get("extractor"), tuned_on=_tuned_on(data, e.sampler),
                         **{f"fid_{split}": value for split, value in fids.items()})
         elif kind == "judge":
             info.update(judge=100.0 * data["judge_acc"], judge_real=100.0 * data["judge"]["real_test_acc"])
         elif kind in ("classify", "baseline"):
-            info.update(acc=100.0 * data["test_acc"], path=str(Path(path).parent))
+            info.update(acc=100.0 * data["test_acc"])
             if kind == "classify":
-                info.update(val_acc=100.0 * data["val_acc"], tuned_on=_tuned_on(data, info["sampler"]),
+                info.update(val_acc=100.0 * data["val_acc"], tuned_on=_tuned_on(data, e.sampler),
                             num_synthetic=(data.get("sizes") or {}).get("synthetic"))
             if kind == "baseline":
                 led = data["privacy"]
@@ -181,8 +169,7 @@ def _latex_eps(eps: float) -> str:
 
 def write_table(wide: pd.DataFrame, tidy: pd.DataFrame, out_dir: Path, name: str, caption: str) -> None:
     """`wide` (strings) -> {name}.tex via Styler.to_latex (booktabs); `tidy` -> {name}.csv."""
-    tables = out_dir / "tables"
-    with atomic_path(tables / f"{name}.csv") as tmp:
+    with atomic_path(out_dir / layout.TABLE.format(name=name, ext="csv")) as tmp:
         tidy.to_csv(tmp, index=False)
     latex = wide.style.to_latex(
         hrules=True,  # \toprule, \midrule, \bottomrule: booktabs
@@ -192,7 +179,7 @@ def write_table(wide: pd.DataFrame, tidy: pd.DataFrame, out_dir: Path, name: str
         multicol_align="c",
         multirow_align="naive",  # no \multirow: compiles with booktabs alone
     )
-    with atomic_path(tables / f"{name}.tex") as tmp:
+    with atomic_path(out_dir / layout.TABLE.format(name=name, ext="tex")) as tmp:
         tmp.write_text(latex)
 
 
@@ -380,11 +367,10 @@ def releases(res: dict[str, pd.DataFrame]) -> pd.DataFrame:
             if len(used) and not r["variant"] else used.iloc[0:0]
         choices = [r["choices"]] if r["choices"] else []
         choices += [f"sampler {t['sampler']}: tuned on {t['tuned_on']}" for _, t in tuned.iterrows()]
-        variant = f"{r['variant']}/" if r["variant"] else ""
-        rows.append(dict(release=f"generator {r['dataset']}/eps{r['eps']:g}/{variant}seed{r['seed']}",
+        rows.append(dict(release=f"generator {layout.cell_dir(r['dataset'], r['eps'], r['seed'], r['variant'])}",
                          kind="generator", **{k: r[k] for k in RELEASE_COLUMNS}, choices="; ".join(choices)))
     for _, r in res["baseline"].iterrows():
-        rows.append(dict(release=f"DP-SGD {r['classifier']} {r['dataset']}/eps{r['eps']:g}/seed{r['seed']}",
+        rows.append(dict(release=f"DP-SGD {r['classifier']} {layout.cell_dir(r['dataset'], r['eps'], r['seed'])}",
                          kind="baseline", **{k: r[k] for k in RELEASE_COLUMNS}, choices=r["choices"]))
     df = pd.DataFrame(rows)
     return df
@@ -424,6 +410,7 @@ def privacy_table(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
     tidy = pd.concat([rel, dataset_totals(rel)], ignore_index=True).drop(columns=["history"], errors="ignore")
     tidy = tidy.sort_values(["dataset", "kind"], key=lambda c: c.map({"generator": 0, "baseline": 1, "total": 2})
                             if c.name == "kind" else c, kind="stable").reset_index(drop=True)
+    tidy = tidy.astype({c: "Int64" for c in ("seed", "steps", "K") if c in tidy})  # the totals leave them blank
 
     def num(col, fmt):
         return [("" if pd.isna(v) else fmt(v)) for v in tidy[col]]
@@ -457,7 +444,7 @@ def _save_figure(fig, out_dir: Path, name: str) -> None:
     import matplotlib.pyplot as plt
 
     for ext in ("pdf", "png"):
-        with atomic_path(out_dir / "figures" / f"{name}.{ext}") as tmp:
+        with atomic_path(out_dir / layout.FIGURE.format(name=name, ext=ext)) as tmp:
             fig.savefig(tmp, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
@@ -538,19 +525,21 @@ def fig_loss_curves(res, out_dir: Path) -> None:
 
 
 def fig_samples(res, out_dir: Path, dataset: str) -> None:
-    """The sample grid of every (eps, sampler) of one dataset (first seed)."""
+    """The sample grid of every (eps, sampler) of one dataset (first seed); a panel
+    says so when the inputs hold no grid for the dataset."""
     import matplotlib.image as mpimg
 
-    rows = pd.concat([main_cells(res[k])[["dataset", "eps", "seed", "sampler", "path"]] for k in ("fid", "classify")
-                      if len(res[k])])
-    sel = rows[rows["dataset"] == dataset].sort_values(["sampler", "eps", "seed"]).drop_duplicates(["sampler", "eps"])
+    grids = main_cells(res["grid"])
+    sel = grids[grids["dataset"] == dataset] if len(grids) else grids
+    sel = sel.sort_values(["sampler", "eps", "seed"]).drop_duplicates(["sampler", "eps"]) if len(sel) else sel
     fig, axes = _subplots(len(sel))
     for ax, (_, row) in zip(axes, sel.iterrows()):
-        grid = Path(row["path"]) / f"grid_{row['sampler']}.png"
-        if grid.is_file():
-            ax.imshow(mpimg.imread(grid), cmap="gray")
+        ax.imshow(mpimg.imread(row["path"]), cmap="gray")
         ax.set_title(f"ε={row['eps']:g}, {row['sampler']}")
         ax.axis("off")
+    if not len(sel):
+        axes[0].text(0.5, 0.5, f"no sample grid of {dataset} among the report's inputs", ha="center", va="center")
+        axes[0].axis("off")
     _save_figure(fig, out_dir, f"samples_{dataset}")
 
 
@@ -558,15 +547,16 @@ def fig_samples(res, out_dir: Path, dataset: str) -> None:
 # Entry point.
 
 
-def build_report(inputs: list[Path], out_dir: Path, loss_curves: bool = False) -> None:
-    """Write every table and figure that `inputs` can fill into out_dir/{tables,figures}.
+def build_report(inputs: list[layout.Entry], out_dir: Path, loss_curves: bool = False) -> None:
+    """Write every table and figure that `inputs` (the manifest's entries) can fill
+    into out_dir/{tables,figures}.
 
     loss_curves: the opt-in (config report.loss_curves) to read the cells' private
     training metrics and draw figures/loss_curves, labelled as not covered by DP."""
     from dpdm.data import DATASETS
 
     if not inputs:
-        raise DPDMError("report needs at least one result file")
+        raise DPDMError("the report's manifest lists no result file")
     res = collect(inputs, loss_curves)
     if loss_curves and res["metrics"].empty:
         raise DPDMError("report --loss-curves needs the cells' private/train_metrics.csv among its inputs")
@@ -610,15 +600,15 @@ def collect_ablation(manifest: dict, results_dir: Path) -> pd.DataFrame:
     """One row per (variant, sampler, eps, seed) with its FID and classifier accuracies (%)."""
     rows = []
     for r in manifest["rows"]:
-        cell = Path(results_dir) / r["cell"]
-        fid = load_json(cell / f"fid_{r['cell_sampler']}.json") if manifest.get("fid", True) else \
+        cell = f"{results_dir}/{r['cell']}"
+        fid = load_json(layout.cell_file("fid", cell, r["cell_sampler"])) if manifest.get("fid", True) else \
             {"fid": np.nan, "reference": {"split": None}}
         row = dict(label=_ablation_label(r, manifest), variant=r["variant"], sampler=r["sampler"], x=r["x"],
                    eps=float(r["eps"]), seed=int(r["seed"]), cell=r["cell"], fid=fid["fid"],
                    fid_split=(fid.get("reference") or {}).get("split", "train"),
                    test_only=bool(fid.get("test_only", False)))
         for c in r.get("classifiers", []):
-            row[c] = 100.0 * load_json(cell / f"classify_{r['cell_sampler']}_{c}.json")["test_acc"]
+            row[c] = 100.0 * load_json(layout.cell_file("classify", cell, r["cell_sampler"], c))["test_acc"]
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -64,6 +64,7 @@ from dpdm.artifacts import (DPDMError, atomic_path, check_writable, exclusive_lo
                             save_json, save_torch, seed_everything, sha256_file, sha256_json, staged_outputs,
                             torch_load_error)
 from dpdm.devices import pick_device
+from dpdm.layout import CELL_FILES
 
 log = logging.getLogger("dpdm.train")
 
@@ -71,8 +72,9 @@ EXIT_CHECKPOINTED = 75  # exit status after a signal-triggered checkpoint (EX_TE
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # SIGINT: Ctrl-C checkpoints too; a second one aborts
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "dpdm-train-checkpoint-v2"  # v2: secret per-example loss randomness
-METRICS_FILE = "private/train_metrics.csv"  # not covered by the DP guarantee: private
-PRIVATE_RUN_FILE = "private/run.json"  # sha256 of the data read, timings
+MODEL_FILE, LEDGER_FILE = CELL_FILES["model"], CELL_FILES["privacy"]
+METRICS_FILE = CELL_FILES["metrics"]  # not covered by the DP guarantee: private
+PRIVATE_RUN_FILE = CELL_FILES["run"]  # sha256 of the data read, timings
 METRICS_COLUMNS = ("step", "epoch", "loss", "batch_size", "frac_clipped", "grad_norm", "eps_rdp", "lr", "seconds")
 
 # Settings that cannot change what training computes (they are excluded from the
@@ -430,7 +432,7 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
     if ckpt_path.exists():
         state.restore(_load_checkpoint(ckpt_path, settings, guard))
         log.info("resumed from %s at step %d/%d", ckpt_path, dp.steps, planned)
-    elif (out_dir / "privacy.json").exists():
+    elif (out_dir / LEDGER_FILE).exists():
         log.warning("%s holds a finished cell: it stays until this run's outputs are complete, then is replaced",
                     out_dir)
 
@@ -470,10 +472,10 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
         bar.close()
         stop.restore()
 
-    summary = {"steps": dp.steps, "noise_multiplier": sigma, "sample_rate": q, "model": str(out_dir / "model.pt"),
-               "privacy": str(out_dir / "privacy.json"), "metrics": str(out_dir / METRICS_FILE)}
+    summary = {"steps": dp.steps, "noise_multiplier": sigma, "sample_rate": q, "model": str(out_dir / MODEL_FILE),
+               "privacy": str(out_dir / LEDGER_FILE), "metrics": str(out_dir / METRICS_FILE)}
     if rank == 0:
-        with staged_outputs(out_dir, marker="privacy.json") as stage:  # the old cell stays until this is whole
+        with staged_outputs(out_dir, marker=LEDGER_FILE) as stage:  # the old cell stays until this is whole
             ledger = _write_outputs(stage, settings, p, state, d, data_dir=data_dir, device=device, world=world,
                                     started=started)
         _remove_checkpoint(ckpt_path)
@@ -557,7 +559,7 @@ def _write_outputs(stage: Path, settings: dict, p: dict, state: TrainState, d: d
     seed, k = int(settings["cell"]["seed"]), int(tr["noise_multiplicity"])
     write_metrics_csv(stage / METRICS_FILE, _metrics_rows(state.records, int(tr["log_every"]), planned))
     spec = {"resolution": d["resolution"], "channels": d["channels"], "num_classes": d["num_classes"]}
-    diffusion.save_model(stage / "model.pt", state.precond, state.ema, settings, spec, dp.steps)
+    diffusion.save_model(stage / MODEL_FILE, state.precond, state.ema, settings, spec, dp.steps)
     ledger = privacy.privacy_ledger(
         history=dp.history, num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=float(pr["clip"]),
         noise_multiplicity=k, delta=delta, target_eps=p["target_eps"],
@@ -570,7 +572,7 @@ def _write_outputs(stage: Path, settings: dict, p: dict, state: TrainState, d: d
                                                     "meta.json": sha256_file(data_dir / "meta.json")},
                                          "data_dir": str(data_dir), "training_seconds": round(state.seconds, 3),
                                          "wall_time_s": round(time.time() - started, 3)})
-    save_json(stage / "privacy.json", ledger)
+    save_json(stage / LEDGER_FILE, ledger)
     return ledger
 
 

@@ -2,8 +2,10 @@
 # resources. Everything that decides *what* a cell is lives in dpdm/config.py; this
 # file only adapts it to Snakemake (wildcards, params, resources).
 
+import dataclasses
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -15,9 +17,10 @@ os.environ.setdefault(
 )  # a job's log keeps the traceback of a bug (dpdm.cli)
 
 from dpdm import config as dpcfg
-from dpdm.artifacts import DPDMError, is_private
-from dpdm.train import METRICS_FILE
+from dpdm import layout
+from dpdm.artifacts import DPDMError, save_json
 from dpdm.data import DATASETS
+from dpdm.layout import CELL_FILES
 from dpdm.registry import CLASSIFIERS
 
 
@@ -79,10 +82,15 @@ def results_path(path):
 
 
 def cell_path(path):
-    """A file of a cell: {results}/{dataset}/{eps}/[{variant}/]seed{seed}/<path>. The
-    variant wildcard is empty for a main cell and 'name/' for an ablation's own model.
+    """A file of a cell: {results}/{dataset}/{eps}/{variant}seed{seed}/<path> (dpdm.layout.CELL).
+    The variant wildcard is empty for a main cell and 'name/' for an ablation's own model.
     """
-    return os.path.join(RESULTS, "{dataset}", "{eps}", "{variant}seed{seed}", path)
+    return os.path.join(RESULTS, layout.CELL, path)
+
+
+def baseline_path(path):
+    """A file of a DP-SGD baseline's folder (dpdm.layout.BASELINE_DIR)."""
+    return os.path.join(RESULTS, layout.BASELINE_DIR, path)
 
 
 def plan_of(wildcards):
@@ -222,20 +230,26 @@ def judge_of(dataset):
     )
 
 
+def cell_entries(plan):
+    """Every result of one planned cell (dpdm.layout.Entry): model, ledger, metrics,
+    samples, grids, FIDs, classifiers, judge."""
+    return layout.cell_entries(
+        RESULTS,
+        plan.dataset,
+        plan.eps,
+        plan.seed,
+        plan.variant,
+        plan.classifiers,
+        fid=FID,
+        judge=bool(judge_of(plan.dataset)),
+    )
+
+
 def cell_outputs(plan):
-    """Every result of one planned cell: model, ledger, metrics, samples, FIDs, classifiers."""
-    d = results_path(plan.path)
-    out = [f"{d}/model.pt", f"{d}/privacy.json", f"{d}/{METRICS_FILE}"]
-    for s, classifiers in plan.classifiers.items():
-        out += [f"{d}/samples_{s}.npz", f"{d}/grid_{s}.png"] + (
-            [f"{d}/fid_{s}.json"] if FID else []
-        )
-        out += [f"{d}/classify_{s}_{c}.json" for c in classifiers]
-        out += [f"{d}/judge_{s}.json"] if judge_of(plan.dataset) else []
-    return out
+    return [e.path for e in cell_entries(plan)]
 
 
-def baseline_outputs():
+def baseline_entries():
     out = []
     for exp in config["experiments"]:
         if not exp.get("baseline", is_conditional(exp["dataset"])):
@@ -243,11 +257,18 @@ def baseline_outputs():
         for eps in exp["eps"]:
             for seed in exp.get("seeds", config["seeds"]):
                 settings = dpcfg.resolve_cell(config, exp["dataset"], eps, seed)
-                d = results_path(
-                    f"{exp['dataset']}/baseline/{dpcfg.eps_tag(eps)}/seed{seed}"
+                out += layout.baseline_entries(
+                    RESULTS,
+                    exp["dataset"],
+                    eps,
+                    seed,
+                    settings["baseline"]["classifiers"],
                 )
-                out += [f"{d}/{c}.json" for c in settings["baseline"]["classifiers"]]
     return out
+
+
+def baseline_outputs():
+    return [e.path for e in baseline_entries()]
 
 
 def main_outputs():
@@ -255,22 +276,45 @@ def main_outputs():
     return [p for plan in MAIN_CELLS for p in cell_outputs(plan)] + baseline_outputs()
 
 
-def report_inputs():
-    """What the report reads: the main grid's published results, the ledger of EVERY
-    release (ablation models too: the privacy table composes them per dataset) and, only
-    with the opt-in report.loss_curves, the cells' private training metrics."""
-    published = [p for p in main_outputs() if p.endswith(".json") and not is_private(p)]
-    ledgers = [
-        results_path(f"{plan.path}/privacy.json")
+# What the report reads, by kind of result (dpdm.layout.CELL_FILES keys): the main
+# grid's published results and sample grids, the ledger of EVERY release (ablation
+# models too: the privacy table composes them per dataset) and, only with the opt-in
+# report.loss_curves, the cells' private training metrics.
+REPORT_KINDS = ("privacy", "fid", "classify", "judge", "grid", "baseline")
+
+
+def report_entries():
+    main = [e for plan in MAIN_CELLS for e in cell_entries(plan)] + baseline_entries()
+    out = [e for e in main if e.kind in REPORT_KINDS]
+    out += [
+        e
         for plan in GRID.cells.values()
         if plan.variant
+        for e in cell_entries(plan)
+        if e.kind == "privacy"
     ]
-    metrics = (
-        [results_path(f"{plan.path}/{METRICS_FILE}") for plan in MAIN_CELLS]
-        if LOSS_CURVES
-        else []
-    )
-    return published + ledgers + metrics
+    if LOSS_CURVES:
+        out += [e for e in main if e.kind == "metrics"]
+    return out
+
+
+def report_manifest():
+    """The report's manifest (JSON): every input and what it is, so the report never
+    parses a path."""
+    entries = [dataclasses.asdict(e) for e in report_entries()]
+    return json.dumps({"entries": entries}, sort_keys=True, separators=(",", ":"))
+
+
+def write_report_manifest(manifest, path, log):
+    """Rule report_manifest's job: the manifest's JSON to `path`, atomically."""
+    entries = json.loads(manifest)
+    save_json(path, entries)
+    with open(log, "w") as f:
+        print(f"{len(entries['entries'])} report inputs -> {path}", file=f)
+
+
+def report_inputs():
+    return [e.path for e in report_entries()]
 
 
 def report_tables():
@@ -300,20 +344,27 @@ def figure_caption(figure):
     return "samples" if figure.startswith("samples_") else figure
 
 
+def table_path(name, ext):
+    """{results}/tables/<name>.<ext> (dpdm.layout.TABLE)."""
+    return results_path(layout.TABLE.format(name=name, ext=ext))
+
+
+def figure_path(name, ext):
+    """{results}/figures/<name>.<ext> (dpdm.layout.FIGURE)."""
+    return results_path(layout.FIGURE.format(name=name, ext=ext))
+
+
 def report_outputs():
     if not MAIN_CELLS:
         return []
-    out = [
-        results_path(f"tables/{t}.{ext}")
-        for t in report_tables()
-        for ext in ("tex", "csv")
-    ]
-    out += [
-        results_path(f"figures/{f}.{ext}")
-        for f in report_figures()
-        for ext in ("pdf", "png")
-    ]
+    out = [table_path(t, ext) for t in report_tables() for ext in ("tex", "csv")]
+    out += [figure_path(f, ext) for f in report_figures() for ext in ("pdf", "png")]
     return out
+
+
+# Ablations by their table's name (e.g. table3 -> noise_multiplicity): the wildcard
+# of rule ablation.
+ABLATION_OF_TABLE = {abl["table"]: name for name, abl in GRID.ablations.items()}
 
 
 def ablation_inputs(name):
@@ -321,23 +372,21 @@ def ablation_inputs(name):
     out = []
     for row in GRID.ablations[name]["rows"]:
         d = results_path(row["cell"])
-        out += [f"{d}/privacy.json"] + (
-            [f"{d}/fid_{row['cell_sampler']}.json"] if FID else []
-        )
+        out.append(layout.cell_file("privacy", d))
+        if FID:
+            out.append(layout.cell_file("fid", d, row["cell_sampler"]))
         out += [
-            f"{d}/classify_{row['cell_sampler']}_{c}.json" for c in row["classifiers"]
+            layout.cell_file("classify", d, row["cell_sampler"], c)
+            for c in row["classifiers"]
         ]
     return list(dict.fromkeys(out))
 
 
 def ablation_outputs(name):
     table = GRID.ablations[name]["table"]
-    return {
-        "tex": results_path(f"tables/{table}.tex"),
-        "csv": results_path(f"tables/{table}.csv"),
-        "pdf": results_path(f"figures/{table}.pdf"),
-        "png": results_path(f"figures/{table}.png"),
-    }
+    return [table_path(table, ext) for ext in ("tex", "csv")] + [
+        figure_path(table, ext) for ext in ("pdf", "png")
+    ]
 
 
 def all_outputs():
@@ -346,7 +395,7 @@ def all_outputs():
     ] + baseline_outputs()
     out += report_outputs()
     for name in GRID.ablations:
-        out += list(ablation_outputs(name).values())
+        out += ablation_outputs(name)
     return out
 
 
@@ -393,6 +442,19 @@ def get_judge_epochs(wildcards):
 
 def get_judge_file(wildcards):
     return data_path(f"{wildcards.dataset}/judge_{judge_of(wildcards.dataset)}.pt")
+
+
+def get_ablation_inputs(wildcards):
+    return ablation_inputs(ABLATION_OF_TABLE[wildcards.table])
+
+
+def get_ablation_manifest(wildcards):
+    """The ablation's rows (dpdm.config.plan_grid), as JSON for report-ablation."""
+    return json.dumps(
+        GRID.ablations[ABLATION_OF_TABLE[wildcards.table]],
+        sort_keys=True,
+        separators=(",", ":"),
+    )
 
 
 def get_results_dir(wildcards, output):

@@ -4,11 +4,11 @@
 
 rule fid:
     input:
-        samples=cell_path("samples_{sampler}.npz"),
+        samples=cell_path(CELL_FILES["samples"]),
         refs=get_fid_references,
         weights=fid_weights_input,
     output:
-        cell_path("fid_{sampler}.json"),
+        cell_path(CELL_FILES["fid"]),
     log:
         cell_path("logs/fid_{sampler}.log"),
     benchmark:
@@ -35,10 +35,10 @@ rule fid:
 
 rule classify:
     input:
-        samples=cell_path("samples_{sampler}.npz"),
+        samples=cell_path(CELL_FILES["samples"]),
         test=data_path("{dataset}/test.npz"),
     output:
-        cell_path("classify_{sampler}_{classifier}.json"),
+        cell_path(CELL_FILES["classify"]),
     log:
         cell_path("logs/classify_{sampler}_{classifier}.log"),
     benchmark:
@@ -61,11 +61,11 @@ rule baseline:
         train=data_path("{dataset}/train.npz"),
         test=data_path("{dataset}/test.npz"),
     output:
-        results_path("{dataset}/baseline/{eps}/seed{seed}/{classifier}.json"),
+        results_path(layout.BASELINE),
     log:
-        results_path("{dataset}/baseline/{eps}/seed{seed}/logs/{classifier}.log"),
+        baseline_path("logs/{classifier}.log"),
     benchmark:
-        results_path("{dataset}/baseline/{eps}/seed{seed}/benchmarks/{classifier}.tsv")
+        baseline_path("benchmarks/{classifier}.tsv")
     conda:
         "../environment.yml"
     threads: rule_threads("baseline")
@@ -106,10 +106,10 @@ rule train_judge:
 
 rule judge:
     input:
-        samples=cell_path("samples_{sampler}.npz"),
+        samples=cell_path(CELL_FILES["samples"]),
         judge=get_judge_file,
     output:
-        cell_path("judge_{sampler}.json"),
+        cell_path(CELL_FILES["judge"]),
     log:
         cell_path("logs/judge_{sampler}.log"),
     benchmark:

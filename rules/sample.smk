@@ -3,11 +3,11 @@
 
 rule sample:
     input:
-        model=cell_path("model.pt"),
+        model=cell_path(CELL_FILES["model"]),
     output:
-        samples=cell_path("samples_{sampler}.npz"),
+        samples=cell_path(CELL_FILES["samples"]),
         grid=report(
-            cell_path("grid_{sampler}.png"),
+            cell_path(CELL_FILES["grid"]),
             caption="../workflow/report/grid.rst",
             category="Samples",
             subcategory="{dataset} {eps} {variant}",

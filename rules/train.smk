@@ -13,9 +13,9 @@ rule train:
         train=data_path("{dataset}/train.npz"),
         meta=data_path("{dataset}/meta.json"),
     output:
-        model=cell_path("model.pt"),
-        ledger=cell_path("privacy.json"),
-        metrics=cell_path(METRICS_FILE),
+        model=cell_path(CELL_FILES["model"]),
+        ledger=cell_path(CELL_FILES["privacy"]),
+        metrics=cell_path(CELL_FILES["metrics"]),
     log:
         cell_path("logs/train.log"),
     benchmark:

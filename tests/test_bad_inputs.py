@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dpdm import config as cfg
-from dpdm import data
+from dpdm import data, layout
 from dpdm.cli import main
 from helpers import REPO  # tests/helpers.py
 
@@ -97,12 +97,16 @@ def w(tmp_path_factory):
     (root / "nobaseline.json").write_text(json.dumps(s))
     (root / "notjson.json").write_text("{'single': quotes}")
     (root / "a_file").write_text("a file, not a folder")
-    # A ledger outside the layout, and a broken one inside it.
+    # A JSON file that is not a report manifest, and a manifest listing a broken ledger.
     (root / "misc").mkdir()
     (root / "misc" / "privacy.json").write_text("{}")
     cell = root / "r" / "digits" / "eps10" / "seed0"
     cell.mkdir(parents=True)
     (cell / "privacy.json").write_text('{"steps": ')
+    entry = layout.Entry("privacy", str(cell / "privacy.json"), "digits", 10.0, 0)
+    (root / "manifest.json").write_text(json.dumps({"entries": [dataclasses.asdict(entry)]}))
+    entry = layout.Entry("checkpoint", str(cell / "privacy.json"), "digits", 10.0, 0)
+    (root / "manifest_kind.json").write_text(json.dumps({"entries": [dataclasses.asdict(entry)]}))
     # A previous prepared set that a failed prepare must leave alone, and a corrupt raw file.
     prev = root / "prep" / "mnist"
     prev.mkdir(parents=True)
@@ -241,11 +245,13 @@ CASES = [
     Case("judge: missing judge", f"judge {SETTINGS} --judge {{w}}/nope.pt --samples {{w}}/s16.npz "
          "--out {w}/j.json", 2, ("nope.pt",), absent=("j.json",)),
     # The report
-    Case("report: a ledger outside the layout", "report --out {w}/rep {w}/misc/privacy.json", 2,
-         ("misc/privacy.json", "not a result file in the workflow's layout"), absent=("rep/tables/privacy.csv",)),
-    Case("report: a broken ledger", "report --out {w}/rep {w}/r/digits/eps10/seed0/privacy.json", 2,
+    Case("report: a manifest that is not one", "report --out {w}/rep --manifest {w}/misc/privacy.json", 2,
+         ("misc/privacy.json", "is not a report manifest", "report_manifest"), absent=("rep/tables/privacy.csv",)),
+    Case("report: a broken ledger", "report --out {w}/rep --manifest {w}/manifest.json", 2,
          ("privacy.json", "not a readable JSON file")),
-    Case("report: no inputs", "report --out {w}/rep", 2, ("the following arguments are required: inputs",)),
+    Case("report: an unknown kind of result", "report --out {w}/rep --manifest {w}/manifest_kind.json", 2,
+         ("kind 'checkpoint'",)),
+    Case("report: no manifest", "report --out {w}/rep", 2, ("the following arguments are required: --manifest",)),
     Case("report-ablation: bad manifest", "report-ablation --out {w}/rep --manifest {\"rows\":", 2,
          ("--manifest is not valid JSON",)),
     # Preparing data

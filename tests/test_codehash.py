@@ -26,7 +26,7 @@ def test_training_hashes_every_module_that_computes_its_gradients():
 
 def test_commands_hash_only_what_they_import():
     assert set(codehash.modules_of("prepare")) == {"__init__", "__main__", "artifacts", "cli", "config", "data",
-                                                   "devices", "errors", "memory", "registry"}
+                                                   "devices", "errors", "layout", "memory", "registry"}
     for command in ("prepare", "fid-ref", "fid", "train", "sample", "classify", "judge-fit", "judge", "baseline",
                     "report", "report-ablation"):
         assert "bench" not in codehash.modules_of(command), command  # bench's options are built by bench only
@@ -70,3 +70,13 @@ def test_other_commands_do_not_import_bench():
             "print('dpdm.bench' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.split()[-2:] == ["False", "False"], out
+
+
+def test_tracked_files_have_portable_names():
+    """No tracked file name holds ':', '\\', a newline or a quote (an accident once committed
+    grep output as file names; such names break checkouts on Windows)."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    bad = [n for n in names.split("\0") if any(c in n for c in ':\\\n"')]
+    assert not bad, bad

@@ -169,6 +169,12 @@ def test_ablation_errors_name_the_problem(tmp_path):
                                                  " settings: {samplers: {ddim: {kind: ddim, steps: 7}}}}\n"))
     with pytest.raises(DPDMError, match=r"'ablations.a.variants'"):  # a variant folder may not look like seedN
         _ablation_config(tmp_path, "  a: {dataset: digits, eps: [1], variants: {seed1: {}}}\n")
+    # Each ablation writes tables/<table>.tex: its own name, not the main report's or another's.
+    with pytest.raises(DPDMError, match=r"'ablations.a.table' = 'table1' is already written by the main report"):
+        cfg.plan_grid(_ablation_config(tmp_path, "  a: {dataset: digits, eps: [1], table: table1}\n"))
+    with pytest.raises(DPDMError, match=r"'ablations.b.table' = 't3' is already written by ablation 'a'"):
+        cfg.plan_grid(_ablation_config(tmp_path, "  a: {dataset: digits, eps: [1], table: t3}\n"
+                                                 "  b: {dataset: digits, eps: [10], table: t3}\n"))
 
 
 def test_a_later_config_replaces_an_ablation_whole(tmp_path):

@@ -10,14 +10,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dpdm import privacy, report
+from dpdm import layout, privacy, report
 from dpdm.artifacts import DPDMError
+from dpdm.registry import CLASSIFIERS
 
 
-def _write(path: Path, data: dict) -> Path:
+def _write(entry: layout.Entry, data: dict) -> layout.Entry:
+    path = Path(entry.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
-    return path
+    return entry
 
 
 def _ledger(sigma: float, q: float, steps: int, eps_target: float, delta: float = 1e-5) -> dict:
@@ -39,17 +41,19 @@ def results(tmp_path):
     """One dataset, eps 10: two samplers whose CNNs rank differently on the synthetic
     validation split (A better) and the real test set (B better); a DP-SGD baseline."""
     root = tmp_path / "results"
-    cell = root / "mnist" / "eps10" / "seed0"
-    files = [_write(cell / "privacy.json", _ledger(0.8, 0.01, 500, 10.0))]
-    for sampler, val, test in (("A", 0.90, 0.50), ("B", 0.80, 0.95)):
-        for clf in ("logreg", "mlp", "cnn"):
-            files.append(_write(cell / f"classify_{sampler}_{clf}.json",
-                                {"test_acc": test, "val_acc": val, "sizes": {"synthetic": 10000},
-                                 **_settings(sampler, "train-split FID" if sampler == "A" else None)}))
+    entries = layout.cell_entries(str(root), "mnist", 10.0, 0, "", {"A": list(CLASSIFIERS), "B": list(CLASSIFIERS)},
+                                  fid=False, judge=False)
+    files = []
+    for e in entries:
+        if e.kind == "privacy":
+            files.append(_write(e, _ledger(0.8, 0.01, 500, 10.0)))
+        elif e.kind == "classify":
+            val, test = {"A": (0.90, 0.50), "B": (0.80, 0.95)}[e.sampler]
+            files.append(_write(e, {"test_acc": test, "val_acc": val, "sizes": {"synthetic": 10000},
+                                    **_settings(e.sampler, "train-split FID" if e.sampler == "A" else None)}))
     led = _ledger(1.0, 0.02, 300, 10.0)
-    for clf in ("logreg", "mlp", "cnn"):
-        files.append(_write(root / "mnist" / "baseline" / "eps10" / "seed0" / f"{clf}.json",
-                            {"test_acc": 0.7, "privacy": led}))
+    files += [_write(e, {"test_acc": 0.7, "privacy": led})
+              for e in layout.baseline_entries(str(root), "mnist", 10.0, 0, list(CLASSIFIERS))]
     return root, files
 
 
@@ -80,9 +84,9 @@ def test_report_without_fid_says_not_computed(results, tmp_path):
 
 def test_loss_curves_need_the_opt_in(results, tmp_path):
     root, files = results
-    metrics = root / "mnist" / "eps10" / "seed0" / "private" / "train_metrics.csv"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text("step,epoch,loss\n1,0.01,1.0\n2,0.02,0.9\n")
+    metrics = layout.Entry("metrics", layout.cell_file("metrics", f"{root}/mnist/eps10/seed0"), "mnist", 10.0, 0)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text("step,epoch,loss\n1,0.01,1.0\n2,0.02,0.9\n")
     with pytest.raises(DPDMError, match="report.loss_curves: true"):
         report.collect(files + [metrics])
     assert len(report.collect(files + [metrics], loss_curves=True)["metrics"]) == 2

@@ -45,10 +45,9 @@ PAPER_JOBS = {
     "train_judge": 2,
     "judge": SAMPLE_SETS - 2,
     "baseline": 6 * 3,
+    "report_manifest": 1,
     "report": 1,
-    "ablation_noise_multiplicity": 1,
-    "ablation_parameterisation": 1,
-    "ablation_sampler": 1,
+    "ablation": 3,  # tables 3, 5, 6
     "all": 1,
 }
 
@@ -100,13 +99,16 @@ def test_paper_grid_dry_run_with_slurm_profile(dry_workdir):
 
 
 def test_each_ablation_is_a_target_that_trains_only_its_own_models(dry_workdir):
-    """`snakemake ablation_<name>` builds that table; shared cells are the main models."""
-    p = run_snakemake(["-n", "--profile", "slurm", "ablation_noise_multiplicity", "--quiet", "rules"],
+    """`snakemake results/tables/table3.tex` builds that ablation's table (noise
+    multiplicity); shared cells are the main models. `ablations` builds every one."""
+    p = run_snakemake(["-n", "--profile", "slurm", "results/tables/table3.tex", "--quiet", "rules"],
                       cwd=dry_workdir)
     counts = job_counts(p.stdout + p.stderr)
     # K1..K32 at eps 1: 6 models (K32 = the main cell), one sampler, FID and CNN each.
     assert counts["train"] == 6 and counts["sample"] == 6 and counts["fid"] == 6 and counts["classify"] == 6
-    assert counts["ablation_noise_multiplicity"] == 1 and "report" not in counts and "baseline" not in counts
+    assert counts["ablation"] == 1 and "report" not in counts and "baseline" not in counts
+    p = run_snakemake(["-n", "--profile", "slurm", "ablations", "--quiet", "rules"], cwd=dry_workdir)
+    assert job_counts(p.stdout + p.stderr)["ablation"] == 3
     p = run_snakemake(["-n", "all"], cwd=dry_workdir)  # every job, with its outputs
     trained = re.findall(r"^\s+output: (\S+/model\.pt)", p.stdout + p.stderr, re.M)
     assert len(trained) == len(set(trained)) == PAPER_JOBS["train"]
@@ -132,11 +134,11 @@ def test_a_user_config_runs_exactly_its_own_cells(dry_workdir):
     mine.write_text("experiments:\n  - {dataset: mnist, eps: [10]}\nfid: {enabled: false}\n")
     p = run_snakemake(["-n", "all", "--configfile", "mine.yaml", "--quiet", "rules"], cwd=dry_workdir)
     counts = job_counts(p.stdout + p.stderr)
-    assert counts["train"] == 1 and not any(r.startswith("ablation_") for r in counts), counts
+    assert counts["train"] == 1 and "ablation" not in counts, counts
     p = run_snakemake(["-n", "all", "--configfile", "config/config.yaml", "mine.yaml", "--quiet", "rules"],
                       cwd=dry_workdir)
     counts = job_counts(p.stdout + p.stderr)
-    assert counts["train"] > 1 and counts["ablation_noise_multiplicity"] == 1, counts
+    assert counts["train"] > 1 and counts["ablation"] == 3, counts
 
 
 @pytest.mark.parametrize(
@@ -364,7 +366,7 @@ def test_rerunning_one_cell_reruns_its_chain_and_the_report_only(smoke):
     # use the same samplers); then the report and the three ablation tables (the cell is K2
     # of the K ablation, edm of the parameterisation ablation and both samplers' row).
     assert counts == {"train": 1, "sample": 2, "fid": 2, "judge": 2, "classify": 4, "report": 1, "all": 1,
-                      "ablation_noise_multiplicity": 1, "ablation_parameterisation": 1, "ablation_sampler": 1}
+                      "ablation": 3}
 
 
 @pytest.mark.workflow
@@ -449,8 +451,7 @@ def test_modules_no_rule_runs_rerun_nothing_and_the_report_reruns_tables_only(sm
     work, _ = smoke
     assert _dry_run_after_appending(work, "bench") == {}
     counts = _dry_run_after_appending(work, "report")
-    assert counts == {"report": 1, "ablation_noise_multiplicity": 1, "ablation_parameterisation": 1,
-                      "ablation_sampler": 1, "all": 1}, counts
+    assert counts == {"report": 1, "ablation": 3, "all": 1}, counts
 
 
 @pytest.mark.workflow

@@ -1,0 +1,91 @@
+"""The results layout: every folder and file name of a run, written once.
+
+    {results}/{dataset}/eps{eps}/[{variant}/]seed{seed}/   one trained model (a cell): CELL_FILES
+    {results}/{dataset}/baseline/eps{eps}/seed{seed}/{classifier}.json   a DP-SGD classifier on real data
+    {results}/tables/{name}.{tex,csv}   {results}/figures/{name}.{pdf,png}   the report
+
+The workflow builds its rule patterns and targets from these templates (Snakemake
+fills the `{...}` wildcards), the trainer and the report write and read files by
+these names, and the report learns what each input is from a manifest of `Entry`s
+the workflow writes (`REPORT_MANIFEST`), never by parsing a path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+CELL = "{dataset}/{eps}/{variant}seed{seed}"  # {eps} is eps_tag(eps); {variant} is "" or "name/"
+CELL_FILES = {
+    "model": "model.pt",
+    "privacy": "privacy.json",  # the ledger, written last: its presence marks a finished cell
+    "metrics": "private/train_metrics.csv",  # training losses: not covered by DP, so private
+    "run": "private/run.json",  # sha256 of the data read, timings
+    "samples": "samples_{sampler}.npz",
+    "grid": "grid_{sampler}.png",
+    "fid": "fid_{sampler}.json",
+    "classify": "classify_{sampler}_{classifier}.json",
+    "judge": "judge_{sampler}.json",
+}
+BASELINE_DIR = "{dataset}/baseline/{eps}/seed{seed}"
+BASELINE = BASELINE_DIR + "/{classifier}.json"
+TABLE = "tables/{name}.{ext}"  # ext: tex, csv
+FIGURE = "figures/{name}.{ext}"  # ext: pdf, png
+REPORT_TABLES = ("privacy", "table1", "table2", "table4")  # the main report's (an ablation's are its own)
+REPORT_MANIFEST = "tables/report_inputs.json"  # what the report reads (rule report_manifest)
+
+
+def eps_tag(eps: float) -> str:
+    """0.2 -> 'eps0.2', 1.0 -> 'eps1', 10 -> 'eps10' (as the config writes it)."""
+    return f"eps{float(eps):g}"
+
+
+def cell_dir(dataset: str, eps: float, seed: int, variant: str = "") -> str:
+    """A cell's folder relative to paths.results."""
+    return CELL.format(dataset=dataset, eps=eps_tag(eps), variant=f"{variant}/" if variant else "", seed=int(seed))
+
+
+def cell_file(kind: str, cell: str, sampler: str = "", classifier: str = "") -> str:
+    """The file of `kind` (a CELL_FILES key) in the cell folder `cell`."""
+    return f"{cell}/{CELL_FILES[kind].format(sampler=sampler, classifier=classifier)}"
+
+
+def baseline_file(dataset: str, eps: float, seed: int, classifier: str) -> str:
+    return BASELINE.format(dataset=dataset, eps=eps_tag(eps), seed=int(seed), classifier=classifier)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One result file and what it is: the report's unit of input."""
+
+    kind: str  # a CELL_FILES key or "baseline"
+    path: str
+    dataset: str
+    eps: float
+    seed: int
+    variant: str = ""  # "" for a main cell
+    sampler: str = ""
+    classifier: str = ""
+
+
+def cell_entries(results: str, dataset: str, eps: float, seed: int, variant: str, classifiers: dict,
+                 fid: bool, judge: bool) -> list[Entry]:
+    """Every file one cell produces: model, ledger, metrics and, per sampler (the keys of
+    `classifiers`, each with its list of classifiers), samples, grid, FID (`fid`),
+    classifier results and the judge's (`judge`)."""
+    cell = f"{results}/{cell_dir(dataset, eps, seed, variant)}"
+
+    def entry(kind, sampler="", classifier=""):
+        return Entry(kind, cell_file(kind, cell, sampler, classifier), dataset, float(eps), int(seed), variant,
+                     sampler, classifier)
+
+    out = [entry("model"), entry("privacy"), entry("metrics")]
+    for sampler, names in classifiers.items():
+        out += [entry("samples", sampler), entry("grid", sampler)] + ([entry("fid", sampler)] if fid else [])
+        out += [entry("classify", sampler, c) for c in names]
+        out += [entry("judge", sampler)] if judge else []
+    return out
+
+
+def baseline_entries(results: str, dataset: str, eps: float, seed: int, classifiers: list) -> list[Entry]:
+    return [Entry("baseline", f"{results}/{baseline_file(dataset, eps, seed, c)}", dataset, float(eps), int(seed),
+                  classifier=c) for c in classifiers]
