@@ -234,3 +234,17 @@ def test_the_schema_agrees_with_the_registries():
     assert defs["sampler"]["properties"]["kind"]["enum"] == list(registry.SAMPLER_KINDS) == list(sampling.SAMPLERS)
     assert settings["privacy"]["properties"]["accountant"]["enum"] == list(privacy.ACCOUNTANTS)
     assert settings["privacy"]["properties"]["calibration"]["enum"] == list(privacy.CALIBRATIONS)
+
+
+def test_the_readme_layout_shows_every_file_of_dpdm_layout():
+    """README's Outputs block lists each file name dpdm/layout.py defines, so the two
+    cannot drift apart."""
+    from dpdm import layout
+
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("## Outputs"):readme.index("## What the guarantee covers")]
+    names = list(layout.CELL_FILES.values()) + ["baseline/eps{eps}/seed{seed}/{classifier}.json",
+                                                layout.REPORT_MANIFEST]
+    assert layout.BASELINE == "{dataset}/baseline/{eps}/seed{seed}/{classifier}.json"  # README writes eps{eps}
+    missing = [n for n in names if n not in block]
+    assert not missing, f"README's layout block lacks {missing}"

@@ -8,12 +8,14 @@ touches the repository's results/ and can run beside other tests.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,9 +54,23 @@ PAPER_JOBS = {
 }
 
 
+@functools.cache
+def _no_slurm_bin() -> str:
+    """A folder holding an `scontrol` that fails at once. snakemake-executor-plugin-slurm
+    runs `scontrol show config` whenever Snakemake starts (it imports every plugin), and
+    that waits 9 s where scontrol is installed but no controller runs (CI, after
+    test_slurm.py stops its cluster). These tests never talk to SLURM."""
+    folder = Path(tempfile.mkdtemp(prefix="dpdm-no-slurm-"))
+    stub = folder / "scontrol"
+    stub.write_text("#!/bin/sh\necho 'no SLURM controller in tests/test_workflow.py' >&2\nexit 1\n")
+    stub.chmod(0o755)
+    return str(folder)
+
+
 def run_snakemake(args, cwd, env=None, timeout=1800, check=True):
     e = dict(os.environ, **(env or {}))
     e.pop("DPDM_FID_WEIGHTS", None)
+    e["PATH"] = _no_slurm_bin() + os.pathsep + e.get("PATH", "")
     p = subprocess.run(SNAKEMAKE + args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-6000:]}\n{p.stderr[-6000:]}")
@@ -406,9 +422,8 @@ def test_a_code_change_reruns_the_rules_that_use_the_module(smoke):
     assert collections.Counter(counts)["report"] == 1
 
 
-def test_each_rule_hashes_the_code_of_the_command_it_runs():
-    """Every rule that runs `python -m dpdm <command>` has the param
-    code=code_hash("<command>") (dpdm.codehash derives the modules from the imports)."""
+def _rule_commands() -> dict[str, tuple[set[str], list[str]]]:
+    """rule -> (the `python -m dpdm` commands its shell runs, the commands it code_hash()es)."""
     rules = {}
     for smk in sorted((REPO / "rules").glob("*.smk")):
         for block in re.split(r"^(?=\s*(?:rule|checkpoint)\b)", smk.read_text(), flags=re.M):
@@ -416,8 +431,15 @@ def test_each_rule_hashes_the_code_of_the_command_it_runs():
             commands = set(re.findall(r"python -m dpdm ([a-z-]+)", block))
             if name and commands:
                 rules[name.group(1)] = (commands, re.findall(r'code=code_hash\("([a-z-]+)"\)', block))
+    return rules
+
+
+def test_each_rule_hashes_the_code_of_the_command_it_runs():
+    """Every rule that runs `python -m dpdm <command>` has the param
+    code=code_hash("<command>") (dpdm.codehash derives the modules from the imports)."""
+    rules = _rule_commands()
     assert {"prepare", "fid_reference", "train", "sample", "fid", "classify", "baseline", "train_judge", "judge",
-            "report"} <= set(rules)
+            "report", "ablation"} <= set(rules)
     for name, (commands, hashed) in rules.items():
         if commands == {"fetch-weights"}:
             continue  # downloads a fixed file, checked by its sha256
@@ -444,6 +466,44 @@ def test_a_change_to_per_example_gradients_retrains(smoke):
     work, _ = smoke
     counts = _dry_run_after_appending(work, "privacy/rows")
     assert counts.get("train") == 3 and counts.get("baseline") == 2 and "prepare" not in counts, counts
+
+
+def _downstream(work) -> dict[str, set[str]]:
+    """rule -> the rules that read its outputs, from `snakemake --rulegraph` of the smoke config."""
+    p = run_snakemake(["--rulegraph", "dot", "all", "--configfile", "config/smoke.yaml"], cwd=work)
+    names = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)"', p.stdout, re.M))
+    graph = {name: set() for name in names.values()}
+    for a, b in re.findall(r"^\s*(\d+) -> (\d+)", p.stdout, re.M):
+        graph[names[a]].add(names[b])
+    assert {"train", "sample", "report", "all"} <= set(graph), p.stdout
+    return graph
+
+
+@pytest.mark.workflow
+def test_a_change_to_any_module_reruns_exactly_the_rules_that_run_it(smoke):
+    """Issue 15: appending a comment to each dpdm module in turn schedules exactly the
+    rules whose commands import it (by dpdm.codehash) and what reads their outputs (the
+    report, the ablation tables), nothing else; a module no rule runs schedules nothing."""
+    from dpdm import codehash
+
+    work, _ = smoke
+    graph = _downstream(work)
+    commands = {rule: next(iter(cmds)) for rule, (cmds, _) in _rule_commands().items() if rule in graph}
+    modules = sorted(p.relative_to(work / "dpdm").with_suffix("").as_posix() for p in (work / "dpdm").rglob("*.py"))
+    assert len(modules) > 25 and "privacy/rows" in modules and "layout" in modules
+    wrong = {}
+    for module in modules:
+        top = module.split("/")[0]  # a package (privacy/) is hashed as one module
+        expected = {rule for rule, command in commands.items() if top in codehash.modules_of(command)}
+        frontier = list(expected)
+        while frontier:
+            for reader in graph[frontier.pop()] - expected:
+                expected.add(reader)
+                frontier.append(reader)
+        got = set(_dry_run_after_appending(work, module))
+        if got != expected:
+            wrong[module] = {"scheduled": sorted(got), "expected": sorted(expected)}
+    assert not wrong, wrong
 
 
 @pytest.mark.workflow
