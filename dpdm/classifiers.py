@@ -273,6 +273,9 @@ def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tup
 MIN_SAMPLES_PER_CLASS = 10  # fewer: the accuracy of a classifier trained on them means nothing
 
 
+# Longer than most functions here on purpose: the paper's protocol (90/10 split of the
+# samples, train, select on synthetic validation, test once on real data, record) reads
+# top to bottom in one place.
 def classify(settings: dict, samples_path, test_path, classifier: str, out_path) -> dict:
     """Train `classifier` on samples, select by synthetic validation accuracy, test on real data -> JSON."""
     import torch
@@ -514,53 +517,58 @@ def dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
         return _dp_baseline(settings, data_dir, classifier, out_path)
 
 
-def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
-    from opacus.validators import ModuleValidator
-    from tqdm import tqdm
-
+def _baseline_mechanism(settings: dict, n: int, classifier: str) -> tuple[float, int, float]:
+    """(q, steps, sigma) of a DP-SGD baseline: q = B / N, the steps of `epochs`, and the
+    noise multiplier the accountant calibrates to the cell's (eps, delta)."""
     from dpdm import privacy
-    from dpdm.data import load_split
 
-    started = time.time()
-    data_dir = Path(data_dir)
     cfg, priv = settings["baseline"], settings["privacy"]
-    seed = int((settings.get("cell") or {}).get("seed", 0))
-    epochs, batch_size, lr, clip = int(cfg["epochs"]), int(cfg["batch_size"]), float(cfg["lr"]), float(cfg["clip"])
-    target_eps, delta = float(priv["target_eps"]), float(priv["delta"])
-    accountant, calibration = priv["accountant"], priv["calibration"]
-    if priv["sampling"] != "poisson":
-        raise DPDMError(f"privacy.sampling = {priv.get('sampling')!r}: only poisson sampling is supported")
-    device = pick_device(settings.get("device", "auto"))
-
-    train_x, train_y = load_split(data_dir, "train")
-    test_x, test_y = load_split(data_dir, "test")
-    num_classes = _num_classes(settings, data_dir, train_y, test_y)
-    train_y = _check_labels(train_y, num_classes, f"real training split {data_dir}/train.npz")
-    test_y = _check_labels(test_y, num_classes, f"real test split {data_dir}/test.npz")
-    h, w, c = train_x.shape[1:]
-
-    n = len(train_y)
+    target_eps, delta, batch_size = float(priv["target_eps"]), float(priv["delta"]), int(cfg["batch_size"])
     privacy.check_privacy_params(target_eps, delta, n)
     if not 1 <= batch_size <= n:
         raise DPDMError(f"baseline.batch_size = {batch_size} must be in 1..N = {n}")
     q = batch_size / n
-    steps = privacy.steps_for(epochs, q)
-    sigma = privacy.noise_multiplier_for(target_eps, delta, q, steps, accountant=accountant, calibration=calibration)
+    steps = privacy.steps_for(int(cfg["epochs"]), q)
+    sigma = privacy.noise_multiplier_for(target_eps, delta, q, steps, accountant=priv["accountant"],
+                                         calibration=priv["calibration"])
     log.info("baseline %s: N=%d q=%.6g steps=%d sigma=%.4f C=%g for eps=%g delta=%g (%s, %s)", classifier, n, q,
-             steps, sigma, clip, target_eps, delta, accountant, calibration)
+             steps, sigma, float(cfg["clip"]), target_eps, delta, priv["accountant"], priv["calibration"])
+    return q, steps, sigma
 
-    torch.manual_seed(seed)
-    model = build_classifier(classifier, (h, w), c, num_classes)
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        raise DPDMError(f"classifier {classifier} is not DP-SGD compatible: {errors}")
-    model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    x_cpu = torch.from_numpy(np.ascontiguousarray(train_x)).permute(0, 3, 1, 2).contiguous()
-    dp_seed = privacy.dp_seed_from_env()
-    model, optimizer, loader, example_key = make_private(model, optimizer, x_cpu, torch.from_numpy(train_y), q, sigma,
-                                                         clip, dp_seed, device, accountant)
-    xte, yte = _to_tensors(test_x, test_y, device)
+
+def _baseline_ledger(settings: dict, classifier: str, out_path, n: int, q: float, sigma: float, planned: int,
+                     steps_taken: int, seed: int, dp_seed) -> dict:
+    """The baseline's privacy ledger (dpdm.privacy.privacy_ledger): what it covers and how
+    the model was chosen (the last epoch: nothing is selected on private data)."""
+    from dpdm import privacy
+
+    priv = settings["privacy"]
+    return privacy.privacy_ledger(
+        history=[[sigma, q, steps_taken]], num_examples=n, sample_rate=q, noise_multiplier=sigma,
+        clip=float(settings["baseline"]["clip"]), noise_multiplicity=1, delta=float(priv["delta"]),
+        target_eps=float(priv["target_eps"]), calibration=priv["calibration"], accountant=priv["accountant"],
+        planned_steps=planned, seed=seed, provenance=None, secret_randomness=dp_seed is None,
+        per_example_gradients="opacus GradSampleModule hooks",
+        covers=[f"the trained {classifier} (last epoch)", "its test accuracy and the per-epoch test accuracies "
+                "(`curves`: the model evaluated on the public test set)"],
+        not_covered=[f"private/{Path(out_path).stem}.json: training losses, realised batch sizes and timings "
+                     "(computed on private data without noise)", "logs/ and benchmarks/ of the job",
+                     "the baseline hyperparameters are fixed defaults; tuning them on private data is not covered"],
+        choices=priv["choices_on_private_data"],
+        mechanism="DP-SGD (Opacus optimizer): per-example gradient clipping, Gaussian noise, Poisson sampling",
+        model_selection=("last epoch. No validation split is carved out of the private training data and no "
+                         "checkpoint is chosen: selecting an epoch with private data is itself a release that this "
+                         "ledger does not account for. The real test set is only evaluated, never used to choose."))
+
+
+def _dp_training_loop(model, optimizer, loader, example_key, steps: int, q: float, epochs: int, xte, yte, device,
+                      classifier: str) -> dict:
+    """`steps` DP-SGD steps on Poisson batches from `loader`; per epoch the training loss
+    and realised batch size (both private) and the test accuracy (curves only: nothing is
+    selected on them). Returns the curves; curves["step"][-1] is the number of steps taken."""
+    from tqdm import tqdm
+
+    from dpdm import privacy
 
     epoch_ends = [min(steps, privacy.steps_for(e, q)) for e in range(1, epochs + 1)]
     curves = {"epoch": [], "step": [], "train_loss": [], "mean_batch": [], "test_acc": [], "epoch_s": []}
@@ -594,24 +602,52 @@ def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
                 log.info("baseline %s epoch %d/%d (step %d): train loss %.4f, test acc %.4f", classifier,
                          epoch + 1, epochs, steps_taken, curves["train_loss"][-1], test_acc)
                 epoch, loss_sum, seen, t0 = epoch + 1, 0.0, 0, time.time()
+    return curves
 
-    ledger = privacy.privacy_ledger(
-        history=[[sigma, q, steps_taken]], num_examples=n, sample_rate=q, noise_multiplier=sigma, clip=clip,
-        noise_multiplicity=1, delta=delta, target_eps=target_eps, calibration=calibration, accountant=accountant,
-        planned_steps=steps, seed=seed, provenance=None, secret_randomness=dp_seed is None,
-        per_example_gradients="opacus GradSampleModule hooks",
-        covers=[f"the trained {classifier} (last epoch)", "its test accuracy and the per-epoch test accuracies "
-                "(`curves`: the model evaluated on the public test set)"],
-        not_covered=[f"private/{Path(out_path).stem}.json: training losses, realised batch sizes and timings "
-                     "(computed on private data without noise)", "logs/ and benchmarks/ of the job",
-                     "the baseline hyperparameters are fixed defaults; tuning them on private data is not covered"],
-        choices=priv["choices_on_private_data"])
-    ledger.update(
-        mechanism="DP-SGD (Opacus optimizer): per-example gradient clipping, Gaussian noise, Poisson subsampling",
-        model_selection=("last epoch. No validation split is carved out of the private training data and no "
-                         "checkpoint is chosen: selecting an epoch with private data is itself a release that this "
-                         "ledger does not account for. The real test set is only evaluated, never used to choose."),
-    )
+
+def _dp_baseline(settings: dict, data_dir, classifier: str, out_path) -> dict:
+    from opacus.validators import ModuleValidator
+
+    from dpdm import privacy
+    from dpdm.data import load_split
+
+    started = time.time()
+    data_dir = Path(data_dir)
+    cfg, priv = settings["baseline"], settings["privacy"]
+    seed = int((settings.get("cell") or {}).get("seed", 0))
+    epochs, batch_size, lr, clip = int(cfg["epochs"]), int(cfg["batch_size"]), float(cfg["lr"]), float(cfg["clip"])
+    target_eps, accountant = float(priv["target_eps"]), priv["accountant"]
+    if priv["sampling"] != "poisson":
+        raise DPDMError(f"privacy.sampling = {priv.get('sampling')!r}: only poisson sampling is supported")
+    device = pick_device(settings.get("device", "auto"))
+
+    train_x, train_y = load_split(data_dir, "train")
+    test_x, test_y = load_split(data_dir, "test")
+    num_classes = _num_classes(settings, data_dir, train_y, test_y)
+    train_y = _check_labels(train_y, num_classes, f"real training split {data_dir}/train.npz")
+    test_y = _check_labels(test_y, num_classes, f"real test split {data_dir}/test.npz")
+    h, w, c = train_x.shape[1:]
+
+    n = len(train_y)
+    q, steps, sigma = _baseline_mechanism(settings, n, classifier)
+
+    torch.manual_seed(seed)
+    model = build_classifier(classifier, (h, w), c, num_classes)
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise DPDMError(f"classifier {classifier} is not DP-SGD compatible: {errors}")
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    x_cpu = torch.from_numpy(np.ascontiguousarray(train_x)).permute(0, 3, 1, 2).contiguous()
+    dp_seed = privacy.dp_seed_from_env()
+    model, optimizer, loader, example_key = make_private(model, optimizer, x_cpu, torch.from_numpy(train_y), q, sigma,
+                                                         clip, dp_seed, device, accountant)
+    xte, yte = _to_tensors(test_x, test_y, device)
+
+    curves = _dp_training_loop(model, optimizer, loader, example_key, steps, q, epochs, xte, yte, device, classifier)
+    steps_taken = curves["step"][-1]
+
+    ledger = _baseline_ledger(settings, classifier, out_path, n, q, sigma, steps, steps_taken, seed, dp_seed)
     result = {
         "classifier": classifier,
         "test_acc": curves["test_acc"][-1],

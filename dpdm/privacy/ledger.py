@@ -27,12 +27,15 @@ GENERATOR_NOT_COVERED = (
 )
 PRV_EPS_ERROR = 0.01  # Opacus PRVAccountant default: the reported value is its upper bound
 
+GENERATOR_MECHANISM = "DP-SGD: Poisson-subsampled Gaussian mechanism on per-example clipped gradients"
+
 
 def privacy_ledger(*, history, num_examples: int, sample_rate: float, noise_multiplier: float, clip: float,
                    noise_multiplicity: int, delta: float, target_eps: float, calibration: str, accountant: str,
                    planned_steps: int, seed: int, provenance: dict | None, secret_randomness: bool = True,
                    covers=GENERATOR_COVERS, not_covered=GENERATOR_NOT_COVERED, choices=(),
-                   per_example_gradients: str = "rows", world_size: int = 1) -> dict:
+                   per_example_gradients: str = "rows", world_size: int = 1,
+                   mechanism: str = GENERATOR_MECHANISM, model_selection: str | None = None) -> dict:
     """What privacy.json records: the mechanism's parameters and the epsilon it spent.
 
     Every epsilon here is recomputed by an accountant from `history` (the steps the
@@ -41,7 +44,9 @@ def privacy_ledger(*, history, num_examples: int, sample_rate: float, noise_mult
     must not fingerprint the training set. `choices` lists decisions made by looking at
     numbers the guarantee does not cover (config privacy.choices_on_private_data).
     `per_example_gradients` names how they were computed (rows, vmap, or Opacus' hooks
-    for the DP-SGD baselines) and `world_size` the number of processes that trained.
+    for the DP-SGD baselines) and `world_size` the number of processes that trained;
+    `mechanism` describes the mechanism in words and `model_selection` (when given) how
+    the released model was chosen.
     """
     import opacus
 
@@ -57,7 +62,7 @@ def privacy_ledger(*, history, num_examples: int, sample_rate: float, noise_mult
         errors["prv"] = f"{type(e).__name__}: {e}"
     calibrated = eps.get(accountant)
     ledger = {
-        "mechanism": "DP-SGD: Poisson-subsampled Gaussian mechanism on per-example clipped gradients",
+        "mechanism": mechanism,
         "neighbouring": NEIGHBOURING,
         "covers": list(covers),
         "not_covered": list(not_covered),
@@ -99,4 +104,6 @@ def privacy_ledger(*, history, num_examples: int, sample_rate: float, noise_mult
     }
     if errors:
         ledger["accountant_errors"] = errors
+    if model_selection is not None:
+        ledger["model_selection"] = model_selection
     return ledger
