@@ -100,14 +100,12 @@ def membership_scores(model, reference, images, labels=None, sigmas=(0.05, 0.1, 
         score_i = mean over (sigma, draw) of [L_reference(x_i) - L_model(x_i)],
 
     with L the noise-multiplicity loss of dpdm.diffusion (the model's own weighting),
-    evaluated at the fixed noise levels `sigmas`, `draws` noise draws each; the same
-    draws for both models and every canary's own draws fixed by `seed` (the score's
-    randomness is the auditor's, public). `reference` is the same network before
-    training (its initial weights), which removes how hard each canary is to denoise
-    anyway. images: float [m, C, H, W] in [-1, 1]; labels: long [m] or None."""
+    evaluated at the fixed noise levels `sigmas`, `draws` noise draws each, the draws
+    fixed by `seed` and the same for both models (the score's randomness is the
+    auditor's, public). `reference` is the same network before training (its initial
+    weights), which removes how hard each canary is to denoise anyway.
+    images: float [m, C, H, W] in [-1, 1]; labels: long [m] or None."""
     import torch
-
-    from dpdm.diffusion import batch_example_losses
 
     sig = torch.tensor([s for s in sigmas for _ in range(draws)], dtype=torch.float32)
     gen = torch.Generator().manual_seed(int(seed))
@@ -118,14 +116,15 @@ def membership_scores(model, reference, images, labels=None, sigmas=(0.05, 0.1, 
             lab = None if labels is None else labels[start:start + batch_size]
             sigma = sig.expand(len(y), -1).contiguous()
             noise = torch.randn((len(y), len(sig), *y.shape[1:]), generator=gen)
-
-            def losses(net):
-                return batch_example_losses(net, y.to(_device(net)), None if lab is None else lab.to(_device(net)),
-                                            sigma.to(_device(net)), noise.to(_device(net))).cpu()
-
-            scores.append(losses(reference) - losses(model))
+            batch = (y, lab, sigma, noise)
+            scores.append(_losses(reference, *batch) - _losses(model, *batch))
     return torch.cat(scores).numpy().astype(np.float64)
 
 
-def _device(module):
-    return next(module.parameters()).device
+def _losses(net, y, labels, sigma, noise):
+    """dpdm.diffusion's per-example losses of `net`, computed on its device, returned on CPU."""
+    from dpdm.diffusion import batch_example_losses
+
+    dev = next(net.parameters()).device
+    return batch_example_losses(net, y.to(dev), None if labels is None else labels.to(dev), sigma.to(dev),
+                                noise.to(dev)).cpu()
