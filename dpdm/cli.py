@@ -121,6 +121,7 @@ def cmd_fid_ref(args):
         batch_size=args.batch_size,
         device=args.device,
         num_images=args.num_images,
+        keep_features=args.keep_features,
     )
 
 
@@ -138,6 +139,7 @@ def cmd_fid(args):
         batch_size=args.batch_size,
         device=args.device,
         settings=_read_json_arg(args.settings) if args.settings else None,
+        prdc_k=args.prdc_k,
     )
 
 
@@ -272,6 +274,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared dataset folder, e.g. data/mnist")
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--num-images", type=positive_int, help="use the split's first N images (default: all)")
+    p.add_argument("--keep-features", type=int, default=0, metavar="N",
+                   help="also store the features of the first N images (precision / recall; default 0: none)")
     p.add_argument("--out", required=True)
     add_fid_args(p)
     p.set_defaults(func=cmd_fid_ref)
@@ -282,6 +286,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="reference statistics (fid-ref); repeat for several splits, the first is the headline FID")
     p.add_argument("--out", required=True)
     p.add_argument("--num-samples", type=positive_int, help="use the first N samples (default: all)")
+    p.add_argument("--prdc-k", type=positive_int, metavar="K",
+                   help="also precision / recall and density / coverage with K neighbours (the references need "
+                        "their features: fid-ref --keep-features)")
     p.add_argument("--settings", help="cell settings to record in the result (JSON string or file)")
     add_fid_args(p)
     p.set_defaults(func=cmd_fid)

@@ -38,6 +38,7 @@ import numpy as np
 from dpdm.artifacts import DPDMError, atomic_path, provenance, save_json, save_npz, sha256_file
 from dpdm.data import read_images
 from dpdm.devices import pick_device
+from dpdm.prdc import PRDC_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +307,10 @@ def build_extractor(extractor: str = "inception", weights_path=None, device: Any
 
 
 def activation_statistics(images: np.ndarray, features: InceptionFeatures, batch_size: int = 200,
-                          desc: str = "inception features") -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (float64) of the features of `images`, streamed batch by batch.
+                          desc: str = "inception features", keep: int = 0) -> tuple:
+    """Mean and covariance (float64) of the features of `images`, streamed batch by batch;
+    with keep > 0 also the features (float32) of the first `keep` images, for precision /
+    recall (dpdm.prdc): (mu, sigma) or (mu, sigma, kept).
 
     Sums are taken around a shift (the first batch's mean) so the covariance is as
     accurate as numpy's two-pass `np.cov`.
@@ -320,6 +323,7 @@ def activation_statistics(images: np.ndarray, features: InceptionFeatures, batch
     if batch_size < 1:
         raise DPDMError(f"batch_size must be >= 1, got {batch_size}")
     shift = s1 = s2 = None
+    kept = []
     with tqdm(total=n, desc=desc, unit="img", mininterval=5.0) as bar:
         for start in range(0, n, batch_size):
             act = features(images[start:start + batch_size])
@@ -330,11 +334,13 @@ def activation_statistics(images: np.ndarray, features: InceptionFeatures, batch
             d = act - shift
             s1 += d.sum(axis=0)
             s2 += d.T @ d
+            if start < keep:
+                kept.append(act[:keep - start].astype(np.float32))
             bar.update(len(act))
     mu = shift + s1 / n
     sigma = (s2 - np.outer(s1, s1) / n) / (n - 1)
     sigma = 0.5 * (sigma + sigma.T)
-    return mu, sigma
+    return (mu, sigma, np.concatenate(kept)) if keep > 0 else (mu, sigma)
 
 
 def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
@@ -390,7 +396,7 @@ def load_reference(path: str | os.PathLike) -> dict:
         raise DPDMError(f"FID reference statistics {path} do not exist; make them with `python -m dpdm fid-ref`")
     try:
         with np.load(path, allow_pickle=False) as d:
-            ref = {k: (d[k] if k in ("mu", "sigma") else d[k].tolist() if k == "image_shape" else _scalar(d[k]))
+            ref = {k: (d[k] if k in ("mu", "sigma", "features") else d[k].tolist() if k == "image_shape" else _scalar(d[k]))
                    for k in d.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise DPDMError(f"FID reference statistics {path} are truncated or not an .npz ({type(e).__name__}: {e}); "
@@ -403,11 +409,13 @@ def load_reference(path: str | os.PathLike) -> dict:
 
 
 def compute_reference(data_dir, split, out_path, extractor="inception", weights_path=None, batch_size=200,
-                      device="auto", num_images: int | None = None) -> dict:
+                      device="auto", num_images: int | None = None, keep_features: int = 0) -> dict:
     """Inception statistics of a real split -> npz (mu, sigma, n, extractor identity).
 
     num_images: use the split's first N images (config fid.reference_images; None: all,
-    as the paper). Fewer images make a noisier reference: for smoke tests."""
+    as the paper). Fewer images make a noisier reference: for smoke tests.
+    keep_features: also store the features of the first N images (config fid.prdc_images),
+    the real side of precision / recall and density / coverage."""
     started = time.time()
     data_path = Path(data_dir) / f"{split}.npz"
     images = read_images(data_path, "image file", labels="ignored")[0]
@@ -416,12 +424,15 @@ def compute_reference(data_dir, split, out_path, extractor="inception", weights_
             raise DPDMError(f"fid.reference_images = {num_images}: a covariance needs at least 2 images")
         images = images[:num_images]
     features = build_extractor(extractor, weights_path, device)
-    mu, sigma = activation_statistics(images, features, batch_size, desc=f"fid-ref {split}")
+    stats = activation_statistics(images, features, batch_size, desc=f"fid-ref {split}", keep=keep_features)
+    mu, sigma = stats[:2]
+    kept = {"features": stats[2]} if keep_features else {}
     ident = features.identity
     save_npz(
         out_path,
         mu=mu,
         sigma=sigma,
+        **kept,
         n=np.array(len(images)),
         image_shape=np.array(images.shape[1:]),  # H, W, C: samples of another shape are refused
         split=np.array(split),
@@ -440,18 +451,34 @@ def _shape_text(shape) -> str:
     return f"{h}x{w} {'grayscale' if c == 1 else 'RGB' if c == 3 else f'{c}-channel'}"
 
 
+def _prdc_sample_count(ref_paths, refs, num_images: int) -> int:
+    """How many samples' features precision / recall use: as many as the references
+    hold (fid-ref --keep-features), at most the samples there are."""
+    missing = [str(p) for p, r in zip(ref_paths, refs) if "features" not in r]
+    if missing:
+        raise DPDMError(f"precision / recall need the reference's features, but {', '.join(missing)} hold only the "
+                        "mean and covariance: recompute them with `python -m dpdm fid-ref --keep-features N` (the "
+                        "workflow does this when config fid.prdc_k is set)")
+    return min(num_images, max(len(r["features"]) for r in refs))
+
+
 PRIVATE_SPLIT = "train"  # the split DP training reads: statistics of it are not covered by the guarantee
 
 
 def compute_fid(samples_path, ref_path, out_path, extractor="inception", weights_path=None, num_samples=None,
-                batch_size=200, device="auto", settings: dict | None = None) -> dict:
+                batch_size=200, device="auto", settings: dict | None = None, prdc_k: int | None = None) -> dict:
     """FID of the samples against one or more reference statistics -> JSON.
 
     `ref_path` is one path or a list (e.g. the train and the test split's statistics):
     the samples' features are computed once. "fid" is the first reference's value (the
     paper's: the training split), "fids" maps each reference's split to its value. A FID
     against the training split is a statistic of the private data, not post-processing
-    of the DP model: "covered_by_dp" says so per reference."""
+    of the DP model: "covered_by_dp" says so per reference.
+
+    prdc_k: also precision / recall and density / coverage (dpdm.prdc, k nearest
+    neighbours) against each reference's stored features (fid-ref --keep-features), on
+    as many samples as the reference has features: "prdc" per split, and the first
+    reference's four values beside "fid"."""
     started = time.time()
     ref_paths = [Path(p) for p in (ref_path if isinstance(ref_path, (list, tuple)) else [ref_path])]
     if not ref_paths:
@@ -478,13 +505,18 @@ def compute_fid(samples_path, ref_path, out_path, extractor="inception", weights
         if num_samples > len(images):
             raise DPDMError(f"--num-samples {num_samples} but {samples_path} holds only {len(images)} images")
         images = images[:num_samples]
-    mu, sigma = activation_statistics(images, features, batch_size, desc="fid samples")
+    keep = _prdc_sample_count(ref_paths, refs, len(images)) if prdc_k else 0
+    mu, sigma, *kept = activation_statistics(images, features, batch_size, desc="fid samples", keep=keep)
     references, root = [], psd_sqrt(sigma)
     for path, ref in zip(ref_paths, refs):
         split = ref.get("split")
         references.append({"path": str(path), "split": split, "n": ref.get("n"),
                            "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"], sqrt_sigma1=root),
                            "covered_by_dp": split != PRIVATE_SPLIT})
+        if prdc_k:
+            from dpdm.prdc import prdc
+
+            references[-1]["prdc"] = prdc(ref["features"], kept[0], k=int(prdc_k))
     splits = [r["split"] for r in references]
     if len(set(splits)) != len(splits):
         raise DPDMError(f"fid: two references of the same split {splits}; give one per split")
@@ -492,6 +524,8 @@ def compute_fid(samples_path, ref_path, out_path, extractor="inception", weights
     result = {
         "fid": value,
         "fids": {r["split"]: r["fid"] for r in references},
+        **({"prdc": {r["split"]: r["prdc"] for r in references}, **{m: references[0]["prdc"][m] for m in PRDC_METRICS}}
+           if prdc_k else {}),
         "num_samples": len(images),
         "samples_path": str(samples_path),
         "reference": references[0],

@@ -25,6 +25,7 @@ import pandas as pd
 
 from dpdm import layout
 from dpdm.artifacts import DPDMError, atomic_path, load_json
+from dpdm.prdc import PRDC_METRICS
 from dpdm.registry import CLASSIFIERS
 
 log = logging.getLogger("dpdm.report")
@@ -103,7 +104,8 @@ def collect(entries: list[layout.Entry], loss_curves: bool = False) -> dict[str,
             fids = data.get("fids") or {(data.get("reference") or {}).get("split", "train"): data["fid"]}
             info.update(fid=data["fid"], test_only=bool(data.get("test_only", False)),
                         extractor=data.get("extractor"), tuned_on=_tuned_on(data, e.sampler),
-                        **{f"fid_{split}": value for split, value in fids.items()})
+                        **{f"fid_{split}": value for split, value in fids.items()},
+                        **{f"{m}_{split}": v[m] for split, v in (data.get("prdc") or {}).items() for m in PRDC_METRICS})
         elif kind == "judge":
             info.update(judge=100.0 * data["judge_acc"], judge_real=100.0 * data["judge"]["real_test_acc"])
         elif kind in ("classify", "baseline"):
@@ -260,6 +262,10 @@ def table1(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
             tidy.update({f"fid_{split}_mean": m, f"fid_{split}_std": s_,
                          f"fid_{split}_covered_by_dp": split != "train"})
             wide[(PRETTY_DATASET.get(ds, ds), _fid_column(split, untrained))] = _fmt(m, s_, n, 1, True)
+            for metric in PRDC_METRICS:  # beside FID in the CSV, from the same features and reference
+                if f"{metric}_{split}" in g:
+                    m, s_, _ = _mean_std(g[f"{metric}_{split}"])
+                    tidy.update({f"{metric}_{split}_mean": m, f"{metric}_{split}_std": s_})
         if splits:
             tidy.update(fid_mean=tidy[f"fid_{splits[0]}_mean"], fid_std=tidy[f"fid_{splits[0]}_std"],
                         fid_status="computed" if len(g) else NOT_COMPUTED)

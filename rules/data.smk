@@ -64,7 +64,12 @@ rule fid_reference:
             if config["fid"]["reference_images"]
             else ""
         ),
+        keep=(
+            f"--keep-features {config['fid']['prdc_images']}"
+            if config["fid"]["prdc_k"]
+            else ""
+        ),
         code=code_hash("fid-ref"),
     shell:
         "python -m dpdm fid-ref --data {params.data:q} --split {wildcards.split}"
-        " --out {output:q} {params.fid} {params.num} > {log:q} 2>&1"
+        " --out {output:q} {params.fid} {params.num} {params.keep} > {log:q} 2>&1"

@@ -27,10 +27,13 @@ rule fid:
             if config["fid"]["num_samples"]
             else ""
         ),
+        prdc=(
+            f"--prdc-k {config['fid']['prdc_k']}" if config["fid"]["prdc_k"] else ""
+        ),
         code=code_hash("fid"),
     shell:
         "python -m dpdm fid --samples {input.samples:q} {params.refs} --out {output:q}"
-        " --settings {params.settings:q} {params.fid} {params.num} > {log:q} 2>&1"
+        " --settings {params.settings:q} {params.fid} {params.num} {params.prdc} > {log:q} 2>&1"
 
 
 rule classify:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dpdm import fid
+from dpdm.prdc import PRDC_METRICS
 from dpdm.artifacts import DPDMError, sha256_file
 
 
@@ -315,6 +316,25 @@ def test_untrained_end_to_end(tmp_path, caplog, monkeypatch):
 
     with pytest.raises(DPDMError, match="holds only 6"):
         fid.compute_fid(samples, ref, tmp_path / "x.json", extractor="untrained", num_samples=7, device="cpu")
+
+    # precision / recall and density / coverage beside FID: need the references' features
+    with pytest.raises(DPDMError, match="--keep-features"):
+        fid.compute_fid(samples, ref, tmp_path / "x.json", extractor="untrained", device="cpu", prdc_k=2)
+    fid.compute_reference(data, "train", ref, extractor="untrained", batch_size=4, device="cpu", keep_features=5)
+    fid.compute_reference(data, "test", ref_test, extractor="untrained", batch_size=4, device="cpu",
+                          keep_features=100)  # more than the split: all 6
+    assert fid.load_reference(ref)["features"].shape == (5, dim)
+    assert fid.load_reference(ref_test)["features"].shape == (6, dim)
+    pr = fid.compute_fid(samples, [ref, ref_test], tmp_path / "fid_pr.json", extractor="untrained",
+                         num_samples=5, batch_size=4, device="cpu", prdc_k=2)
+    from dpdm.prdc import prdc
+
+    feats = fid.build_extractor("untrained", device="cpu")(fid.read_images(samples, "samples")[0][:5])
+    for path, split in ((ref, "train"), (ref_test, "test")):
+        want = prdc(fid.load_reference(path)["features"], feats, k=2)  # min(5 samples, 6 features)
+        assert pr["prdc"][split] == pytest.approx(want)
+    assert pr["fid"] == pytest.approx(both["fid"], rel=1e-6)  # the FID itself is unchanged
+    assert {m: pr[m] for m in PRDC_METRICS} == {m: pr["prdc"]["train"][m] for m in PRDC_METRICS}
 
 
 def test_refuses_mixed_extractors(tmp_path):

@@ -270,6 +270,9 @@ def test_tables_hold_the_numbers_of_the_result_files(smoke):
         assert row["fid_train_mean"] == pytest.approx(fid["fids"]["train"])
         assert row["fid_test_mean"] == pytest.approx(fid["fids"]["test"])
         assert not row["fid_train_covered_by_dp"] and row["fid_test_covered_by_dp"]
+        for metric in ("precision", "recall", "density", "coverage"):  # beside FID, per reference split
+            for split in ("train", "test"):
+                assert row[f"{metric}_{split}_mean"] == pytest.approx(fid["prdc"][split][metric])
         assert bool(row["fid_test_only"])  # smoke uses the untrained extractor, and says so
         cnn = json.loads((cell / f"classify_{row['sampler']}_cnn.json").read_text())
         assert row["cnn_mean"] == pytest.approx(100 * cnn["test_acc"])
