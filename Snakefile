@@ -5,6 +5,7 @@
 #   snakemake --profile slurm all                             # the paper, on SLURM
 #   snakemake --profile slurm ablations                       # every ablation table
 #   snakemake --profile slurm results/tables/table3.tex       # one ablation table
+#   snakemake --profile slurm audit                           # the privacy audits (config audit.cells)
 #
 # Config: config/config.yaml (+ --configfile overrides), validated against
 # workflow/schemas/config.schema.yaml; every key is documented in config/README.md.
@@ -38,6 +39,7 @@ include: "rules/train.smk"
 include: "rules/sample.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/audit.smk"
 
 
 rule all:

@@ -210,6 +210,27 @@ def cmd_baseline(args):
                             out_path=Path(args.out))
 
 
+def cmd_audit(args):
+    from dpdm import audit, data
+    from dpdm.artifacts import save_json
+
+    n = int(data.load_meta(Path(args.data))["counts"]["train"])
+    result = audit.audit_cell(_settings(args), n, canaries=args.canaries, k_pos=args.k_pos, k_neg=args.k_neg,
+                              confidence=args.confidence, seed=args.audit_seed, test_only_break=args.test_only_break)
+    save_json(Path(args.out), result)
+    log.info("audit of %s: %d of %d guesses correct -> eps >= %.3f at %g%% confidence (accountant: eps = %.3f)%s",
+             result["cell"], result["correct"], result["guesses"], result["eps_lower_bound"],
+             100 * result["confidence"], result["eps_accountant"],
+             f" [TEST ONLY: mechanism broken: {args.test_only_break}]" if args.test_only_break else "")
+    audit.check_audit(result)
+
+
+def cmd_report_audit(args):
+    from dpdm import report
+
+    report.build_audit_report([Path(p) for p in args.inputs], out_dir=Path(args.out))
+
+
 def cmd_report(args):
     from dpdm import report
 
@@ -342,6 +363,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--classifier", required=True, choices=CLASSIFIERS)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("audit", help="one-run privacy audit of a cell's mechanism (gradient canaries): an "
+                                     "empirical epsilon lower bound, a failure if above the accountant's")
+    _add_settings_args(p)
+    p.add_argument("--data", required=True, help="the prepared dataset (its meta.json gives the training set's size)")
+    p.add_argument("--out", required=True, help="audit.json")
+    p.add_argument("--canaries", type=positive_int, default=1000, help="m canaries, each included by a fair coin")
+    p.add_argument("--k-pos", type=int, default=100, help="guess 'included' for the k+ highest scores")
+    p.add_argument("--k-neg", type=int, default=100, help="guess 'excluded' for the k- lowest scores")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--audit-seed", type=int, help="fix the coins and the noise (tests; NOT secret; default: secret)")
+    p.add_argument("--test-only-break", metavar="HOW",
+                   help="TEST ONLY: break the mechanism on purpose, the audit must then fail (no-noise or no-clip: "
+                        "dpdm.audit.TEST_ONLY_BREAKS)")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("report-audit", help="audit.json files -> tables/audit and figures/audit")
+    p.add_argument("--out", required=True, help="results folder: writes OUT/tables/audit.*, OUT/figures/audit.*")
+    p.add_argument("inputs", nargs="+", help="audit.json files")
+    p.set_defaults(func=cmd_report_audit)
 
     p = sub.add_parser("report", help="result JSONs -> LaTeX/CSV tables and figures")
     p.add_argument("--out", required=True, help="results folder: writes OUT/tables and OUT/figures")

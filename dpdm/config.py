@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import yaml
 
 from dpdm.artifacts import DPDMError
-from dpdm.layout import REPORT_TABLES, cell_dir, eps_tag
+from dpdm.layout import AUDIT_FOLDER, AUDIT_TABLE, REPORT_TABLES, cell_dir, eps_tag
 
 log = logging.getLogger("dpdm")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -319,6 +319,13 @@ def iter_cells(config: dict) -> list[tuple[str, float, int]]:
     return cells
 
 
+def audit_cells(config: dict) -> list[tuple[str, float, int]]:
+    """Every (dataset, eps, seed) the config audits (config audit.cells), in config order."""
+    audit = config.get("audit") or {}
+    return [(c["dataset"], float(eps), int(seed)) for c in audit.get("cells") or [] for eps in c["eps"]
+            for seed in c.get("seeds", config["seeds"])]
+
+
 def fid_splits(config: dict) -> list[str]:
     """The real splits FID is computed against (config fid.reference_split: one name or a
     list); the first is the headline FID of the tables."""
@@ -427,6 +434,10 @@ def plan_grid(config: dict) -> Grid:
         ds = abl["dataset"]
         conditional = DATASETS[ds].num_classes > 0
         variants = abl.get("variants") or {"default": {}}
+        if AUDIT_FOLDER in variants:
+            raise DPDMError(f"{where}.variants: a variant named '{AUDIT_FOLDER}' would share the folder "
+                            f"{{dataset}}/eps{{eps}}/{AUDIT_FOLDER}/ of the privacy audits (config audit.cells); "
+                            "rename the variant")
         rows, used_classifiers = [], []
         for eps in abl["eps"]:
             for seed in abl.get("seeds", config["seeds"]):
@@ -478,7 +489,7 @@ def plan_grid(config: dict) -> Grid:
 def _check_table_names(ablations: dict) -> None:
     """Each ablation writes tables/<table>.tex: a name of its own, not one of the report's
     (the schema checks the characters)."""
-    seen = {t: "the main report" for t in REPORT_TABLES}
+    seen = {t: "the main report" for t in REPORT_TABLES} | {AUDIT_TABLE: "the privacy audit"}
     for name, abl in ablations.items():
         table = abl["table"]
         if table in seen:

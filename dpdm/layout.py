@@ -2,6 +2,7 @@
 
     {results}/{dataset}/eps{eps}/[{variant}/]seed{seed}/   one trained model (a cell): CELL_FILES
     {results}/{dataset}/baseline/eps{eps}/seed{seed}/{classifier}.json   a DP-SGD classifier on real data
+    {results}/{dataset}/eps{eps}/audit/seed{seed}/audit.json   a privacy audit of that cell's mechanism
     {results}/tables/{name}.{tex,csv}   {results}/figures/{name}.{pdf,png}   the report
 
 The workflow builds its rule patterns and targets from these templates (Snakemake
@@ -26,11 +27,15 @@ CELL_FILES = {
     "classify": "classify_{sampler}_{classifier}.json",
     "judge": "judge_{sampler}.json",
 }
+AUDIT_FOLDER = "audit"  # reserved: no ablation variant may take this name
+AUDIT_DIR = "{dataset}/{eps}/" + AUDIT_FOLDER + "/seed{seed}"  # a privacy audit (dpdm.audit), never a model
+AUDIT = AUDIT_DIR + "/audit.json"
 BASELINE_DIR = "{dataset}/baseline/{eps}/seed{seed}"
 BASELINE = BASELINE_DIR + "/{classifier}.json"
 TABLE = "tables/{name}.{ext}"  # ext: tex, csv
 FIGURE = "figures/{name}.{ext}"  # ext: pdf, png
 REPORT_TABLES = ("privacy", "table1", "table2", "table4")  # the main report's (an ablation's are its own)
+AUDIT_TABLE = "audit"  # tables/audit.* and figures/audit.*: every audited cell
 REPORT_MANIFEST = "tables/report_inputs.json"  # what the report reads (rule report_manifest)
 
 
@@ -47,6 +52,10 @@ def cell_dir(dataset: str, eps: float, seed: int, variant: str = "") -> str:
 def cell_file(kind: str, cell: str, sampler: str = "", classifier: str = "") -> str:
     """The file of `kind` (a CELL_FILES key) in the cell folder `cell`."""
     return f"{cell}/{CELL_FILES[kind].format(sampler=sampler, classifier=classifier)}"
+
+
+def audit_file(dataset: str, eps: float, seed: int) -> str:
+    return AUDIT.format(dataset=dataset, eps=eps_tag(eps), seed=int(seed))
 
 
 def baseline_file(dataset: str, eps: float, seed: int, classifier: str) -> str:

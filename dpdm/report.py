@@ -696,3 +696,59 @@ def build_ablation_report(manifest: dict, out_dir: Path) -> None:
     ablation_table(manifest, df, out_dir)
     ablation_figure(manifest, df, out_dir)
     log.info("wrote ablation %s to %s/tables and %s/figures", manifest["name"], out_dir, out_dir)
+
+
+# ----------------------------------------------------------------------------
+# The privacy audit (dpdm.audit): empirical lower bound vs the accountant's epsilon.
+
+
+def build_audit_report(paths: list[Path], out_dir: Path) -> None:
+    """tables/audit.{tex,csv} (one row per audited cell) and figures/audit.{pdf,png} (the
+    score distributions of included and excluded canaries) from audit.json files."""
+    if not paths:
+        raise DPDMError("report-audit needs at least one audit.json")
+    audits = [load_json(p) for p in paths]
+    audits.sort(key=lambda a: (a["cell"]["dataset"], a["cell"]["eps"], a["cell"]["seed"]))
+    tidy, wide = [], {}
+    for a in audits:
+        c, mech = a["cell"], a["mechanism"]
+        tidy.append(dict(dataset=c["dataset"], eps=c["eps"], seed=c["seed"], eps_accountant=a["eps_accountant"],
+                         accountant=a["accountant"], eps_lower_bound=a["eps_lower_bound"],
+                         confidence=a["confidence"], delta=a["delta"], canaries=a["canaries"],
+                         guesses=a["guesses"], correct=a["correct"], noise_multiplier=mech["noise_multiplier"],
+                         sample_rate=mech["sample_rate"], steps=mech["steps"], passed=a["passed"],
+                         test_only_break=a.get("test_only_break") or ""))
+        wide[(PRETTY_DATASET.get(c["dataset"], c["dataset"]), _latex_eps(c["eps"]), str(c["seed"]))] = {
+            "accountant $\\varepsilon$": f"{a['eps_accountant']:.2f}",
+            "empirical $\\varepsilon \\geq$": f"{a['eps_lower_bound']:.2f}",
+            "correct / guesses": f"{a['correct']} / {a['guesses']}",
+            "canaries": str(a["canaries"]),
+            "audit": ("passed" if a["passed"] else "FAILED") + (" (broken on purpose: TEST ONLY)"
+                                                                if a.get("test_only_break") else ""),
+        }
+    table = pd.DataFrame.from_dict(wide, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["", "", "seed"])
+    conf = {a["confidence"] for a in audits}
+    caption = ("One-run privacy audit (Steinke, Nasr \\& Jagielski 2023) of each audited cell's DP-SGD mechanism "
+               "with gradient canaries, each included by a fair coin: the empirical lower bound on $\\varepsilon$ at "
+               f"{', '.join(f'{100 * c:g}' for c in sorted(conf))}\\% confidence, from the correct membership "
+               "guesses, beside the accountant's $\\varepsilon$ (an upper bound). A lower bound above the "
+               "accountant's would mean the mechanism or its accounting is broken.")
+    write_table(table, pd.DataFrame(tidy), out_dir, layout.AUDIT_TABLE, caption)
+    _fig_audit(audits, out_dir)
+
+
+def _fig_audit(audits: list[dict], out_dir: Path) -> None:
+    fig, axes = _subplots(len(audits))
+    for ax, a in zip(axes, audits):
+        scores, coins = np.asarray(a["scores"]), np.asarray(a["included_coins"], dtype=bool)
+        bins = np.linspace(scores.min(), scores.max(), 40)
+        ax.hist(scores[~coins], bins=bins, alpha=0.6, label=f"excluded ({(~coins).sum()})")
+        ax.hist(scores[coins], bins=bins, alpha=0.6, label=f"included ({coins.sum()})")
+        c = a["cell"]
+        ax.set_title(f"{c['dataset']} eps={c['eps']:g} seed {c['seed']}: eps >= {a['eps_lower_bound']:.2f} "
+                     f"(accountant {a['eps_accountant']:.2f})" + (" BROKEN (TEST ONLY)"
+                                                                  if a.get("test_only_break") else ""), fontsize=8)
+        ax.set_xlabel("canary score (units of C)")
+        ax.legend(fontsize=7)
+    _save_figure(fig, out_dir, layout.AUDIT_TABLE)

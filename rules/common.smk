@@ -93,6 +93,11 @@ def baseline_path(path):
     return os.path.join(RESULTS, layout.BASELINE_DIR, path)
 
 
+def audit_path(path):
+    """A file of a privacy audit's folder (dpdm.layout.AUDIT_DIR)."""
+    return os.path.join(RESULTS, layout.AUDIT_DIR, path)
+
+
 def plan_of(wildcards):
     """The planned cell (dpdm.config.CellPlan) named by the wildcards."""
     key = f"{wildcards.dataset}/{wildcards.eps}/{wildcards.variant}seed{wildcards.seed}"
@@ -116,6 +121,7 @@ STAGE_SECTIONS = {
     "fid": ("cell",),
     "classify": ("cell", "device", "classify"),
     "baseline": ("cell", "device", "privacy", "baseline"),
+    "audit": ("cell", "train", "privacy"),
 }
 # Stages whose settings also hold the sampler named by the wildcard (its `tuned_on` flag
 # reaches the fid and classify results, and so the report).
@@ -396,7 +402,7 @@ def all_outputs():
     out += report_outputs()
     for name in GRID.ablations:
         out += ablation_outputs(name)
-    return out
+    return out + audit_outputs()
 
 
 # ----------------------------------------------------------------------------
@@ -461,3 +467,42 @@ def get_results_dir(wildcards, output):
     """paths.results, from a table's path {results}/tables/<name>.tex."""
     tex = output.tex if isinstance(output.tex, str) else output.tex[0]
     return os.path.dirname(os.path.dirname(tex))
+
+
+# ----------------------------------------------------------------------------
+# Privacy audits (config audit.cells; rules/audit.smk).
+
+AUDIT_CELLS = dpcfg.audit_cells(config)
+
+
+def audit_files():
+    return [
+        results_path(layout.audit_file(ds, eps, seed)) for ds, eps, seed in AUDIT_CELLS
+    ]
+
+
+def audit_outputs():
+    """The audits and, when there are any, their table and figure."""
+    if not AUDIT_CELLS:
+        return []
+    return audit_files() + [
+        path(layout.AUDIT_TABLE, ext)
+        for path, exts in ((table_path, ("tex", "csv")), (figure_path, ("pdf", "png")))
+        for ext in exts
+    ]
+
+
+def audit_settings(wildcards):
+    """The audited cell's settings (the sections its training plan reads)."""
+    settings = dpcfg.resolve_cell(
+        config, wildcards.dataset, dpcfg.parse_eps(wildcards.eps), int(wildcards.seed)
+    )
+    return _settings_json(settings, "audit")
+
+
+def audit_options():
+    a = config["audit"]
+    out = f"--canaries {a['canaries']} --k-pos {a['k_pos']} --k-neg {a['k_neg']} --confidence {a['confidence']}"
+    return out + (
+        f" --test-only-break {a['test_only_break']}" if a["test_only_break"] else ""
+    )

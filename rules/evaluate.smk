@@ -27,9 +27,7 @@ rule fid:
             if config["fid"]["num_samples"]
             else ""
         ),
-        prdc=(
-            f"--prdc-k {config['fid']['prdc_k']}" if config["fid"]["prdc_k"] else ""
-        ),
+        prdc=(f"--prdc-k {config['fid']['prdc_k']}" if config["fid"]["prdc_k"] else ""),
         code=code_hash("fid"),
     shell:
         "python -m dpdm fid --samples {input.samples:q} {params.refs} --out {output:q}"

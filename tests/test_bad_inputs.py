@@ -195,6 +195,19 @@ CASES = [
     Case("fid: reference without its image shape", "fid --samples {w}/s16.npz --ref {w}/ref_old.npz "
          "--out {w}/f.json --extractor untrained --device cpu", 2, ("lacks 'image_shape'", "fid-ref"),
          absent=("f.json",)),
+    Case("fid --prdc-k without the reference's features", "fid --samples {w}/s16.npz --ref {w}/ref16.npz "
+         "--out {w}/f.json --extractor untrained --device cpu --prdc-k 3", 2, ("--keep-features",),
+         absent=("f.json",)),
+    # The privacy audit (issue 16)
+    Case("audit: more canaries than training examples", f"audit {SETTINGS} --data {{w}}/data/digits "
+         "--out {w}/a.json --canaries 5000", 2, ("exceeds the", "training examples"), absent=("a.json",)),
+    Case("audit: k+ of half the canaries", f"audit {SETTINGS} --data {{w}}/data/digits --out {{w}}/a.json "
+         "--canaries 100 --k-pos 50", 2, ("k_pos = 50", "< m/2"), absent=("a.json",)),
+    Case("audit: an unknown way to break it", f"audit {SETTINGS} --data {{w}}/data/digits --out {{w}}/a.json "
+         "--test-only-break half-noise", 2, ("no-clip", "no-noise"), absent=("a.json",)),
+    Case("audit: a broken mechanism fails the audit", f"audit --config {SMOKE} --dataset digits --eps 1 "
+         "--data {w}/data/digits --out {w}/a.json --test-only-break no-noise --audit-seed 0", 2,
+         ("privacy audit FAILED", "above the accountant's", "broken on purpose")),
     Case("fid: 28x28 samples vs a 16x16 reference", "fid --samples {w}/s28.npz --ref {w}/ref16.npz "
          "--out {w}/f.json --extractor untrained --device cpu", 2, ("28x28 grayscale", "16x16 grayscale"),
          absent=("f.json",)),

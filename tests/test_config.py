@@ -175,6 +175,11 @@ def test_ablation_errors_name_the_problem(tmp_path):
     with pytest.raises(DPDMError, match=r"'ablations.b.table' = 't3' is already written by ablation 'a'"):
         cfg.plan_grid(_ablation_config(tmp_path, "  a: {dataset: digits, eps: [1], table: t3}\n"
                                                  "  b: {dataset: digits, eps: [10], table: t3}\n"))
+    # The privacy audits own {dataset}/eps{eps}/audit/ and tables/audit.*: no ablation may take them.
+    with pytest.raises(DPDMError, match=r"a variant named 'audit' would share the folder .*audit/ of the privacy"):
+        cfg.plan_grid(_ablation_config(tmp_path, "  a: {dataset: digits, eps: [1], variants: {audit: {}}}\n"))
+    with pytest.raises(DPDMError, match=r"'ablations.a.table' = 'audit' is already written by the privacy audit"):
+        cfg.plan_grid(_ablation_config(tmp_path, "  a: {dataset: digits, eps: [1], table: audit}\n"))
 
 
 def test_a_later_config_replaces_an_ablation_whole(tmp_path):
@@ -244,7 +249,8 @@ def test_the_readme_layout_shows_every_file_of_dpdm_layout():
     readme = (REPO / "README.md").read_text()
     block = readme[readme.index("## Outputs"):readme.index("## What the guarantee covers")]
     names = list(layout.CELL_FILES.values()) + ["baseline/eps{eps}/seed{seed}/{classifier}.json",
-                                                layout.REPORT_MANIFEST]
+                                                layout.REPORT_MANIFEST, "eps{eps}/audit/seed{seed}/audit.json"]
+    assert layout.AUDIT == "{dataset}/{eps}/audit/seed{seed}/audit.json"  # README writes eps{eps}
     assert layout.BASELINE == "{dataset}/baseline/{eps}/seed{seed}/{classifier}.json"  # README writes eps{eps}
     missing = [n for n in names if n not in block]
     assert not missing, f"README's layout block lacks {missing}"

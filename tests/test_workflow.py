@@ -50,6 +50,8 @@ PAPER_JOBS = {
     "report_manifest": 1,
     "report": 1,
     "ablation": 3,  # tables 3, 5, 6
+    "audit_cell": 2,  # MNIST at eps 1 and 10
+    "audit_report": 1,
     "all": 1,
 }
 
@@ -226,6 +228,33 @@ def test_smoke_pipeline_writes_tables_figures_and_results(smoke):
     assert not (cell / "train_metrics.csv").exists()
     assert not (cell / "checkpoints").exists() or not any((cell / "checkpoints").iterdir())
     print(f"smoke pipeline: {elapsed:.0f} s")
+
+
+@pytest.mark.workflow
+def test_the_smoke_run_audits_both_cells_and_they_pass(smoke):
+    """Issue 16: `all` runs the configured audits (config audit.cells) under
+    {dataset}/eps{eps}/audit/, writes their table and figure, and each real mechanism's
+    empirical lower bound stays below the eps its ledger reports."""
+    work, _ = smoke
+    results = work / "results" / "smoke"
+    table = pd.read_csv(results / "tables" / "audit.csv")
+    assert sorted(table["eps"]) == [1.0, 10.0] and table["passed"].all()
+    assert (table["eps_lower_bound"] <= table["eps_accountant"]).all()
+    assert (table["test_only_break"].isna()).all()
+    for _, row in table.iterrows():
+        audit = json.loads((results / "digits" / f"eps{row['eps']:g}" / "audit" / "seed0" / "audit.json").read_text())
+        ledger = json.loads((results / "digits" / f"eps{row['eps']:g}" / "seed0" / "privacy.json").read_text())
+        assert audit["eps_lower_bound"] == pytest.approx(row["eps_lower_bound"])
+        # the audit ran the cell's own mechanism: same sigma, q and steps as the trained model's ledger
+        assert audit["mechanism"]["noise_multiplier"] == ledger["noise_multiplier"]
+        assert audit["mechanism"]["sample_rate"] == pytest.approx(ledger["sample_rate"])
+        assert audit["mechanism"]["steps"] == ledger["steps"]
+        assert audit["eps_accountant"] == pytest.approx(ledger["eps_rdp"])
+        assert len(audit["scores"]) == audit["canaries"] == 1000
+    # at eps = 10 the audit sees the mechanism (measured lower bounds ~2-2.5); at eps = 1 little
+    assert table.set_index("eps").loc[10.0, "eps_lower_bound"] > 1.0
+    assert "audit" in (results / "tables" / "audit.tex").read_text()
+    assert (results / "figures" / "audit.png").stat().st_size > 1000
 
 
 @pytest.mark.workflow
@@ -514,7 +543,7 @@ def test_modules_no_rule_runs_rerun_nothing_and_the_report_reruns_tables_only(sm
     work, _ = smoke
     assert _dry_run_after_appending(work, "bench") == {}
     counts = _dry_run_after_appending(work, "report")
-    assert counts == {"report": 1, "ablation": 3, "all": 1}, counts
+    assert counts == {"report": 1, "ablation": 3, "audit_report": 1, "all": 1}, counts
 
 
 @pytest.mark.workflow
