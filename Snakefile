@@ -38,6 +38,7 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/sample.smk"
 include: "rules/evaluate.smk"
+include: "rules/memorisation.smk"
 include: "rules/report.smk"
 include: "rules/audit.smk"
 

@@ -210,6 +210,14 @@ def cmd_baseline(args):
                             out_path=Path(args.out))
 
 
+def cmd_memorisation(args):
+    from dpdm import memorisation
+
+    memorisation.check_memorisation(Path(args.samples), Path(args.train), Path(args.test), Path(args.out),
+                                    Path(args.pairs), settings=_read_json_arg(args.settings) if args.settings else None,
+                                    alpha=args.alpha, neighbours=args.neighbours)
+
+
 def cmd_audit(args):
     from dpdm import audit, data
     from dpdm.artifacts import save_json
@@ -363,6 +371,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--classifier", required=True, choices=CLASSIFIERS)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("memorisation", help="nearest training and test images of every sample; near-copies "
+                                            "(Carlini et al. 2023); NOT covered by DP")
+    p.add_argument("--samples", required=True)
+    p.add_argument("--train", required=True, help="the prepared training split (private)")
+    p.add_argument("--test", required=True, help="the prepared test split")
+    p.add_argument("--out", required=True, help="memorisation_<sampler>.json")
+    p.add_argument("--pairs", required=True, help="the figure of the closest pairs (shows training images: private)")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--neighbours", type=positive_int, default=50)
+    p.add_argument("--settings", help="cell settings to record in the result (JSON string or file)")
+    p.set_defaults(func=cmd_memorisation)
 
     p = sub.add_parser("audit", help="one-run privacy audit of a cell's mechanism (gradient canaries): an "
                                      "empirical epsilon lower bound, a failure if above the accountant's")

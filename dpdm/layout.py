@@ -26,6 +26,10 @@ CELL_FILES = {
     "fid": "fid_{sampler}.json",
     "classify": "classify_{sampler}_{classifier}.json",
     "judge": "judge_{sampler}.json",
+    # nearest training images of the samples: NOT covered by DP (dpdm.memorisation)
+    "memorisation": "memorisation_{sampler}.json",
+    "pairs": "private/memorisation_pairs_{sampler}.png",  # shows training images
+    "pairs_published": "memorisation_pairs_{sampler}.png",  # only with memorisation.publish_pairs
 }
 AUDIT_FOLDER = "audit"  # reserved: no ablation variant may take this name
 AUDIT_DIR = "{dataset}/{eps}/" + AUDIT_FOLDER + "/seed{seed}"  # a privacy audit (dpdm.audit), never a model
@@ -77,10 +81,11 @@ class Entry:
 
 
 def cell_entries(results: str, dataset: str, eps: float, seed: int, variant: str, classifiers: dict,
-                 fid: bool, judge: bool) -> list[Entry]:
+                 fid: bool, judge: bool, memorisation: str = "") -> list[Entry]:
     """Every file one cell produces: model, ledger, metrics and, per sampler (the keys of
     `classifiers`, each with its list of classifiers), samples, grid, FID (`fid`),
-    classifier results and the judge's (`judge`)."""
+    classifier results, the judge's (`judge`) and the memorisation check with its
+    figure (`memorisation`: "" none, "pairs" or "pairs_published", where the figure goes)."""
     cell = f"{results}/{cell_dir(dataset, eps, seed, variant)}"
 
     def entry(kind, sampler="", classifier=""):
@@ -92,6 +97,7 @@ def cell_entries(results: str, dataset: str, eps: float, seed: int, variant: str
         out += [entry("samples", sampler), entry("grid", sampler)] + ([entry("fid", sampler)] if fid else [])
         out += [entry("classify", sampler, c) for c in names]
         out += [entry("judge", sampler)] if judge else []
+        out += [entry("memorisation", sampler), entry(memorisation, sampler)] if memorisation else []
     return out
 
 

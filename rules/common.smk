@@ -68,6 +68,13 @@ FID_SPLITS = dpcfg.fid_splits(
 DATA = config["paths"]["data"]
 RESULTS = config["paths"]["results"]
 FID_WEIGHTS_DEFAULT = "weights/pt_inception-2015-12-05-6726825d.pth"
+# The memorisation check (rules/memorisation.smk) and where its figure of the closest
+# sample / training pairs goes: private/ unless the user opts in.
+MEMORISATION_FIGURE = (
+    ("pairs_published" if config["memorisation"]["publish_pairs"] else "pairs")
+    if config["memorisation"]["enabled"]
+    else ""
+)
 MAIN_CELLS = [c for c in GRID.cells.values() if not c.variant]
 
 
@@ -122,10 +129,11 @@ STAGE_SECTIONS = {
     "classify": ("cell", "device", "classify"),
     "baseline": ("cell", "device", "privacy", "baseline"),
     "audit": ("cell", "train", "privacy"),
+    "memorisation": ("cell",),
 }
 # Stages whose settings also hold the sampler named by the wildcard (its `tuned_on` flag
 # reaches the fid and classify results, and so the report).
-SAMPLER_STAGES = ("sample", "fid", "classify")
+SAMPLER_STAGES = ("sample", "fid", "classify", "memorisation")
 
 
 def _settings_json(settings, stage):
@@ -248,6 +256,7 @@ def cell_entries(plan):
         plan.classifiers,
         fid=FID,
         judge=bool(judge_of(plan.dataset)),
+        memorisation=MEMORISATION_FIGURE,
     )
 
 

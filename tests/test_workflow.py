@@ -50,6 +50,7 @@ PAPER_JOBS = {
     "report_manifest": 1,
     "report": 1,
     "ablation": 3,  # tables 3, 5, 6
+    "memorisation": SAMPLE_SETS,
     "audit_cell": 2,  # MNIST at eps 1 and 10
     "audit_report": 1,
     "all": 1,
@@ -226,6 +227,13 @@ def test_smoke_pipeline_writes_tables_figures_and_results(smoke):
               "fid_fid.json", "classify_acc_cnn.json", "judge_acc.json", "logs/train.log", "benchmarks/train.tsv"):
         assert (cell / f).is_file(), f
     assert not (cell / "train_metrics.csv").exists()
+    # the memorisation check: JSON beside the results (labelled), the pairs figure private
+    for sampler in ("fid", "acc"):
+        mem = json.loads((cell / f"memorisation_{sampler}.json").read_text())
+        assert mem["covered_by_dp"] is False and "NOT covered" in mem["not_covered"]
+        assert mem["num_samples"] == 1000 and mem["num_train"] == 1438
+        assert (cell / "private" / f"memorisation_pairs_{sampler}.png").stat().st_size > 1000
+        assert not (cell / f"memorisation_pairs_{sampler}.png").exists()
     assert not (cell / "checkpoints").exists() or not any((cell / "checkpoints").iterdir())
     print(f"smoke pipeline: {elapsed:.0f} s")
 
@@ -410,11 +418,12 @@ def test_rerunning_one_cell_reruns_its_chain_and_the_report_only(smoke):
         cwd=work,
     )
     counts = job_counts(p.stdout + p.stderr)
-    # 1 model; its 2 samplers -> 2 sample + 2 fid + 2 judge + 2x2 classify (the ablations
-    # use the same samplers); then the report and the three ablation tables (the cell is K2
-    # of the K ablation, edm of the parameterisation ablation and both samplers' row).
-    assert counts == {"train": 1, "sample": 2, "fid": 2, "judge": 2, "classify": 4, "report": 1, "all": 1,
-                      "ablation": 3}
+    # 1 model; its 2 samplers -> 2 sample + 2 fid + 2 judge + 2x2 classify + 2 memorisation
+    # (the ablations use the same samplers); then the report and the three ablation tables
+    # (the cell is K2 of the K ablation, edm of the parameterisation ablation and both
+    # samplers' row). The audits do not read the model.
+    assert counts == {"train": 1, "sample": 2, "fid": 2, "judge": 2, "classify": 4, "memorisation": 2,
+                      "report": 1, "all": 1, "ablation": 3}
 
 
 @pytest.mark.workflow
