@@ -1,6 +1,8 @@
-"""Privacy auditing with one training run: the statistics (Steinke, Nasr & Jagielski,
-"Privacy Auditing with One (1) Training Run", NeurIPS 2023; Algorithm 1, Theorems 3.1
-and 5.2, the p-value of their Appendix D).
+"""Privacy auditing with one training run (Steinke, Nasr & Jagielski, "Privacy Auditing
+with One (1) Training Run", NeurIPS 2023; Algorithm 1, Theorems 3.1 and 5.2, the
+p-value of their Appendix D): the statistics, the audit of a cell's DP-SGD mechanism
+with gradient canaries (`audit_cell`, the workflow's audit stage), and an input-space
+membership score for a trained diffusion model (`membership_scores`).
 
 The experiment. m canaries; each is included in the training set by an independent
 fair coin S_i in {-1, +1}, kept secret from the scorer. After ONE training run, every
@@ -150,7 +152,7 @@ def _losses(net, y, labels, sigma, noise):
 # 'included' vs 'excluded' over the steps (`dirac_scores`): summing the x_t instead
 # would add sigma^2 T of noise to about q T of signal, and see almost nothing when a
 # canary is sampled only a few times (measured on the laptop MNIST eps = 10 cell, q T =
-# 2: 112 of 200 guesses correct, no bound; see docs/results.md for the ratio's).
+# 2: 112 of 200 guesses correct, no bound; the ratio's: docs/results.md).
 # This audits the implementation of the mechanism the cell trains with (Poisson
 # sampling, clipping, noise and its scale, the accountant's epsilon), end to end through
 # the same class; a leak outside the mechanism (something of the data that bypasses

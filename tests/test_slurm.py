@@ -58,8 +58,10 @@ CI_KEYS = {
     "slurm-keep-successful-logs",
     "latency-wait",
 }
-LOCAL_RULES = {"prepare", "fetch_fid_weights", "report_manifest", "report", "ablation", "ablations", "all"}
+LOCAL_RULES = {"prepare", "fetch_fid_weights", "report_manifest", "report", "ablation", "ablations", "audit_report",
+               "audit", "all"}
 GPU_RULES = {"fid_reference", "train", "sample", "fid", "classify", "baseline", "train_judge", "judge"}
+CPU_RULES = {"audit_cell", "memorisation"}  # cluster jobs that ask for no GPU
 
 SMOKE_TIMEOUT = int(os.environ.get("DPDM_SLURM_SMOKE_TIMEOUT", 1200))
 PREEMPT_TIMEOUT = 480
@@ -330,11 +332,12 @@ def test_gpu_rules_ran_in_the_gpu_partition_with_a_gpu(slurm_smoke):
     part = subprocess.run(["scontrol", "-o", "show", "partition", "cpu"], capture_output=True, text=True).stdout
     assert "Default=YES" in part, "the CI cluster's default partition should be cpu, so the profile's choice shows"
     subs = submissions(s.out)
-    assert {sub.rule for sub in subs} == GPU_RULES
+    assert {sub.rule for sub in subs} == GPU_RULES | CPU_RULES
     for sub in subs:
         rec = s.jobs[sub.jobid]
-        assert rec["Partition"] == "gpu", (sub.rule, rec)
-        assert re.search(r"gres[:/]gpu[:=]1\b", rec.get("TresPerJob", "") + rec.get("TresPerNode", "")), (sub.rule, rec)
+        assert rec["Partition"] == "gpu", (sub.rule, rec)  # the profile's default partition
+        gpu = re.search(r"gres[:/]gpu[:=]1\b", rec.get("TresPerJob", "") + rec.get("TresPerNode", ""))
+        assert bool(gpu) == (sub.rule in GPU_RULES), (sub.rule, rec)
     # The smoke config's sizes arrive: e.g. train asks for 10 min and 4000 MB.
     train = [s.jobs[sub.jobid] for sub in subs if sub.rule == "train"]
     assert all(r["TimeLimit"] == "00:10:00" and r["MinMemoryNode"] == "4000M" for r in train), train
