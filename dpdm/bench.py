@@ -426,8 +426,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)  # internal: the CPU memory child
 
 
-def main(args) -> None:
-    cuda = pick_device(args.device).type == "cuda"
+def fill_defaults(args, device) -> None:
+    """The options left unset: --quick's miniature, else the CPU or the GPU defaults."""
+    cuda = device.type == "cuda"
     if args.quick:
         args.dataset, args.repeats = "tiny", min(args.repeats, 2)
         for key, value in (("batch", 8), ("k", 2), ("sample_batch", 8), ("sample_steps", 5), ("fid_batch", 4)):
@@ -437,6 +438,10 @@ def main(args) -> None:
     for key, (cpu_value, gpu_value) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, gpu_value if cuda else cpu_value)
+
+
+def main(args) -> None:
+    fill_defaults(args, pick_device(args.device))
     out = run(args)
     if args.memory_of:
         return

@@ -160,13 +160,15 @@ def _append_log(path: Path) -> None:
 
 
 def cmd_train(args):
-    from dpdm import train
+    from dpdm import privacy, train
 
-    if args.log_file:
+    settings = _settings(args)
+    if args.log_file and int(os.environ.get("RANK", "0")) == 0:
         _append_log(Path(args.log_file))
-    train.train(_settings(args), data_dir=Path(args.data), out_dir=Path(args.out),
-                checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
-                stop_with_parent=args.stop_with_parent)
+    with privacy.process_group_from_env(settings.get("device", "auto")):  # under torchrun: one rank of several
+        train.train(settings, data_dir=Path(args.data), out_dir=Path(args.out),
+                    checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+                    stop_with_parent=args.stop_with_parent)
 
 
 def cmd_sample(args):
@@ -264,6 +266,19 @@ def cmd_bench(args):
     from dpdm import bench
 
     bench.main(args)
+
+
+def cmd_gpu_check(args):
+    from dpdm import gpucheck
+
+    gpucheck.main(args)
+
+
+def args_gpu_check(p: argparse.ArgumentParser) -> None:
+    """gpu-check's options (dpdm.gpucheck): only `gpu-check` builds them."""
+    from dpdm.gpucheck import add_arguments
+
+    add_arguments(p)
 
 
 def args_bench(p: argparse.ArgumentParser) -> None:
@@ -429,6 +444,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if command in (None, "bench"):
         args_bench(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("gpu-check", help="the GPU measurements in one command: the step benchmark at B = 4096, "
+                                         "K = 32, DP training steps projected to GPU-hours of the grid, sampling "
+                                         "in fp32 / TF32 / bf16 / channels-last / compile (--quick: CPU miniature)")
+    if command in (None, "gpu-check"):
+        args_gpu_check(p)
+    p.set_defaults(func=cmd_gpu_check)
     return parser
 
 

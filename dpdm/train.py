@@ -414,6 +414,10 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
     tr, pr = settings["train"], settings["privacy"]
     d = _load_training_data(settings, data_dir)
     p, n, device = plan(settings, d["n"]), d["n"], pick_device(settings["device"])
+    if world > p["sample_rate"] * n:
+        raise DPDMError(f"{world} processes for an expected logical batch of {p['sample_rate'] * n:.1f} examples: "
+                        "most ranks would have nothing to compute; use at most as many processes (GPUs) as "
+                        "examples per batch (resources.train.gpu / processes), or a larger train.batch_size")
     q, planned, sigma, delta = p["sample_rate"], p["planned_steps"], p["noise_multiplier"], p["delta"]
     k, label_dropout, log_every = int(tr["noise_multiplicity"]), float(tr["label_dropout"]), int(tr["log_every"])
 

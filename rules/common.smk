@@ -17,7 +17,7 @@ os.environ.setdefault(
 )  # a job's log keeps the traceback of a bug (dpdm.cli)
 
 from dpdm import config as dpcfg
-from dpdm import layout
+from dpdm import launch, layout
 from dpdm.artifacts import DPDMError, save_json
 from dpdm.data import DATASETS
 from dpdm.layout import CELL_FILES
@@ -202,15 +202,33 @@ def _resources_of(rule_name):
 
 def rule_resources(rule_name):
     """Resources of a rule from config `resources`; runtime and memory grow with
-    the attempt so a retry (profile `retries`) gets a larger allocation."""
+    the attempt so a retry (profile `retries`) gets a larger allocation. Training on
+    several nodes (resources.train.nodes) is an srun job of one task per node, each a
+    torchrun of gpu / nodes processes (dpdm.launch)."""
     r = _resources_of(rule_name)
-    return {
+    out = {
         "runtime": lambda wc, attempt: int(r.get("runtime", 60) * attempt),
         "mem_mb": lambda wc, attempt: int(r.get("mem_mb", 4000) * attempt),
         "cpus_per_task": int(r.get("cpus_per_task", 1)),
         "gpu": int(r.get("gpu", 0)),
         "slurm_extra": r.get("slurm_extra", ""),
     }
+    nodes = int(r.get("nodes", 1))
+    if nodes > 1:
+        per_node = launch.processes_per_node(r)
+        out.update(
+            nodes=nodes,
+            mpi="srun",  # the job's shell starts its own srun (dpdm.launch.launcher)
+            tasks=nodes,  # one torchrun per node
+            tasks_per_gpu=0,  # not one task per GPU: torchrun starts those
+            slurm_extra=f"{out['slurm_extra']} --gpus-per-node={per_node}".strip(),
+        )
+    return out
+
+
+# Before `python -m dpdm train`: nothing, or torchrun with one process per GPU / CPU
+# rank (dpdm.launch).
+TRAIN_LAUNCHER = launch.launcher(_resources_of("train"))
 
 
 def rule_threads(rule_name):

@@ -33,5 +33,7 @@ rule train:
         settings=stage_settings("train"),
         code=code_hash("train"),
     shell:
-        "exec python -m dpdm train --settings {params.settings:q} --data {params.data:q}"
+        # TRAIN_LAUNCHER is not a param: a change of the GPU count must not retrain a
+        # finished cell (a checkpoint resumes on any number of processes)
+        "exec {TRAIN_LAUNCHER}python -m dpdm train --settings {params.settings:q} --data {params.data:q}"
         " --out {params.out:q} --stop-with-parent --log-file {params.attempts:q} > {log:q} 2>&1"

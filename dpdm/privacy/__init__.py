@@ -58,7 +58,7 @@ seeded from the cell seed.
 
 from dpdm.privacy.accounting import (ACCOUNTANTS, CALIBRATIONS, Accountant, calibrate_sigma, check_privacy_params,
                                      epsilon_from_history, noise_multiplier_for, spent_epsilon, steps_for)
-from dpdm.privacy.distributed import rank_world
+from dpdm.privacy.distributed import process_group_from_env, rank_world
 from dpdm.privacy.ledger import privacy_ledger
 from dpdm.privacy.mechanism import DPSGD, draw_poisson_batch, poisson_sampler
 from dpdm.privacy.per_example import (clip_factors, clipped_grad_sum, per_example_grads, per_example_grads_loop,
@@ -69,7 +69,7 @@ from dpdm.privacy.rows import register_rule, unsupported
 
 __all__ = [
     "ACCOUNTANTS", "CALIBRATIONS", "Accountant", "calibrate_sigma", "check_privacy_params", "epsilon_from_history",
-    "noise_multiplier_for", "spent_epsilon", "steps_for", "rank_world", "privacy_ledger", "DPSGD",
+    "noise_multiplier_for", "spent_epsilon", "steps_for", "rank_world", "process_group_from_env", "privacy_ledger", "DPSGD",
     "draw_poisson_batch", "poisson_sampler", "clip_factors", "clipped_grad_sum", "per_example_grads",
     "per_example_grads_loop", "per_example_norms", "DP_SEED_ENV", "derive_seed", "dp_seed_from_env",
     "example_generators", "example_seeds", "secret_seed", "register_rule", "unsupported",

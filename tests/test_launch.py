@@ -1,0 +1,192 @@
+"""Issue 18: training on several processes. dpdm.launch's commands, and `python -m dpdm
+train` under torchrun (2 CPU ranks, gloo): the same ledger and (to float rounding) the
+same weights as one process with the same DP seed; a checkpoint of 2 ranks resumes on 1;
+more ranks than examples per batch is refused."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpdm import launch
+from dpdm.artifacts import DPDMError
+from helpers import subprocess_env  # tests/helpers.py
+from test_train import tiny_settings  # noqa: F401  (the tiny cell of the training tests)
+
+
+def test_launcher_commands():
+    assert launch.launcher({"gpu": 1}) == launch.launcher({}) == ""
+    assert launch.launcher({"gpu": 8}) == "torchrun --standalone --nnodes=1 --nproc-per-node=8 --no-python "
+    assert launch.launcher({"processes": 2}) == "torchrun --standalone --nnodes=1 --nproc-per-node=2 --no-python "
+    two_nodes = launch.launcher({"gpu": 8, "nodes": 2})
+    assert two_nodes.startswith("srun --nodes=2 --ntasks-per-node=1 ")
+    assert "torchrun --nnodes=2 --nproc-per-node=4 --rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d" in two_nodes
+    assert "--rdzv-endpoint=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1):29500" in two_nodes
+    with pytest.raises(DPDMError, match="do not split evenly over 3 nodes"):
+        launch.launcher({"gpu": 8, "nodes": 3})
+    with pytest.raises(DPDMError, match="without GPUs"):
+        launch.launcher({"gpu": 0, "nodes": 2})
+
+
+@pytest.fixture(scope="module")
+def digits16(tmp_path_factory):
+    from dpdm import data
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    data.prepare("digits", out_dir=out, download=False, digits_size=16)
+    return out
+
+
+def _train_cmd(tmp_path, settings, data_dir, out, processes: int):
+    f = tmp_path / f"settings_{out.name}.json"
+    f.write_text(json.dumps(settings))
+    prefix = launch.launcher({"processes": processes}).split()  # [] or torchrun's options
+    prefix = [str(Path(sys.executable).with_name("torchrun"))] + prefix[1:] if prefix else []
+    return prefix + [sys.executable, "-m", "dpdm", "train", "--settings", str(f), "--data", str(data_dir),
+                     "--out", str(out)]
+
+
+def _run(cmd, tmp_path, **env):
+    p = subprocess.run(cmd, env=subprocess_env(**env), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    return p
+
+
+def _weights(out: Path) -> dict:
+    return torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+
+
+def _close(a: dict, b: dict, rtol=1e-4, atol=1e-5) -> None:
+    for part in ("model", "ema"):
+        for name, t in a[part].items():
+            torch.testing.assert_close(t, b[part][name], rtol=rtol, atol=atol, msg=f"{part}.{name}")
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_same_model_as_one(tmp_path, digits16):
+    """2 torchrun ranks (gloo, CPU) vs one process, DPDM_DP_SEED fixed: same ledger, weights
+    equal to float rounding (the clipped sums of two shards are added in another order)."""
+    settings = tiny_settings(max_steps=6)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, n in ((one, 1), (two, 2)):
+        p = _run(_train_cmd(tmp_path, settings, digits16, out, n), tmp_path, DPDM_DP_SEED="11")
+        assert p.returncode == 0, p.stderr[-3000:]
+    l1, l2 = (json.loads((o / "privacy.json").read_text()) for o in (one, two))
+    for key in ("steps", "noise_multiplier", "sample_rate", "eps_rdp", "eps_prv", "history"):
+        assert l1[key] == l2[key], key
+    _close(_weights(one), _weights(two))
+    # the tolerance is far tighter than the noise: another draw of it (another DP seed)
+    # is caught, as would be the noise added on both ranks (twice its variance)
+    other = tmp_path / "other"
+    p = _run(_train_cmd(tmp_path, settings, digits16, other, 1), tmp_path, DPDM_DP_SEED="12")
+    assert p.returncode == 0, p.stderr[-3000:]
+    with pytest.raises(AssertionError):
+        _close(_weights(one), _weights(other))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_ranks_resumes_on_one(tmp_path, digits16):
+    """SIGTERM to torchrun: both ranks checkpoint at the same step; one process resumes it
+    and ends where an uninterrupted single-process run ends (same DP seed)."""
+    settings = tiny_settings(max_steps=8, log_every=1)
+    ref, out = tmp_path / "ref", tmp_path / "cell"
+    p = _run(_train_cmd(tmp_path, settings, digits16, ref, 1), tmp_path, DPDM_DP_SEED="5")
+    assert p.returncode == 0, p.stderr[-3000:]
+    proc = subprocess.Popen(_train_cmd(tmp_path, settings, digits16, out, 2), env=subprocess_env(DPDM_DP_SEED="5"),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    deadline, lines = time.time() + 300, []
+    for line in proc.stderr:
+        lines.append(line)
+        if "dpdm.train INFO step 3/8" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    ckpt = out / "checkpoints" / "checkpoint.pt"
+    assert ckpt.exists(), "".join(lines) + rest
+    assert not (out / "model.pt").exists()
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 3 <= step < 8
+    p = _run(_train_cmd(tmp_path, settings, digits16, out, 1), tmp_path, DPDM_DP_SEED="5")
+    assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-3000:]
+    _close(_weights(ref), _weights(out))
+    assert json.loads((out / "privacy.json").read_text())["steps"] == 8
+
+
+def test_more_ranks_than_examples_per_batch_are_refused(tmp_path, digits16):
+    settings = tiny_settings(max_steps=2, batch_size=1)  # q N = 1 example per batch, 2 ranks
+    p = _run(_train_cmd(tmp_path, settings, digits16, tmp_path / "cell", 2), tmp_path)
+    assert p.returncode != 0
+    assert "2 processes for an expected logical batch of 1.0 examples" in p.stderr + p.stdout
+    assert not (tmp_path / "cell" / "model.pt").exists()
+
+
+# ----------------------------------------------------------------------------
+# Through the workflow's train rule.
+
+
+def _workdir(tmp_path, name: str, extra: str) -> Path:
+    from test_workflow import copy_workflow
+
+    (tmp_path / name).mkdir()
+    work = copy_workflow(tmp_path / name)
+    (work / "extra.yaml").write_text(extra)
+    return work
+
+
+def test_the_slurm_dry_run_shows_the_torchrun_launch_and_the_gpu_request(tmp_path):
+    """`snakemake -n -p --profile slurm`: with resources.train.gpu 8 the train jobs run
+    torchrun with 8 processes and ask for 8 GPUs; on 2 nodes, srun + a c10d rendezvous and
+    the per-node GPU request."""
+    from test_workflow import run_snakemake
+
+    work = _workdir(tmp_path, "gpu8", "resources:\n  train: {gpu: 8}\n")
+    p = run_snakemake(["-n", "-p", "--profile", "slurm", "results/mnist/eps10/seed0/model.pt",
+                       "--configfile", "config/config.yaml", "extra.yaml"], cwd=work)
+    out = p.stdout + p.stderr
+    assert "exec torchrun --standalone --nnodes=1 --nproc-per-node=8 --no-python python -m dpdm train" in out
+    assert re.search(r"rule train:.*?resources:[^\n]*\bgpu=8\b", out, re.S), out[-3000:]
+    work = _workdir(tmp_path, "nodes2", "resources:\n  train: {gpu: 8, nodes: 2}\n")
+    p = run_snakemake(["-n", "-p", "--profile", "slurm", "results/mnist/eps10/seed0/model.pt",
+                       "--configfile", "config/config.yaml", "extra.yaml"], cwd=work)
+    out = p.stdout + p.stderr
+    assert "exec srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes=2 --nproc-per-node=4" in out
+    assert "--rdzv-endpoint=$(scontrol show hostnames" in out and "--no-python python -m dpdm train" in out
+    resources = re.search(r"rule train:.*?resources: ([^\n]*)", out, re.S).group(1)
+    for want in ("gpu=8", "nodes=2", "mpi=srun", "tasks=2", "tasks_per_gpu=0", "--gpus-per-node=4"):
+        assert want in resources, (want, resources)
+
+
+@pytest.mark.slow
+def test_the_train_rule_with_two_processes_matches_one(tmp_path):
+    """The real train rule (local executor) with resources.train.processes 2 and with 1, the
+    same DP seed: same ledger, the same weights to float rounding; changing the process
+    count afterwards does not retrain the finished cell."""
+    from test_workflow import run_snakemake
+
+    cell = "datasets:\n  digits:\n    cells:\n      10: {train: {max_steps: 6}}\n"
+    target = "results/smoke/digits/eps10/seed0/model.pt"
+    outs = {}
+    for n in (1, 2):
+        work = _workdir(tmp_path, f"p{n}", cell + f"resources:\n  train: {{processes: {n}, cpus_per_task: {n}}}\n")
+        p = run_snakemake([target, "--cores", "2", "--configfile", "config/smoke.yaml", "extra.yaml", "-p"], cwd=work,
+                          env={"DPDM_DP_SEED": "3"})
+        launched = "torchrun --standalone --nnodes=1 --nproc-per-node=2" in p.stdout + p.stderr
+        assert launched == (n == 2)
+        outs[n] = work / "results" / "smoke" / "digits" / "eps10" / "seed0"
+    l1, l2 = (json.loads((o / "privacy.json").read_text()) for o in outs.values())
+    assert l1["steps"] == l2["steps"] == 6
+    for key in ("noise_multiplier", "sample_rate", "eps_rdp", "eps_prv", "history"):
+        assert l1[key] == l2[key], key
+    _close(_weights(outs[1]), _weights(outs[2]))
+    (work / "extra.yaml").write_text(cell + "resources:\n  train: {processes: 1}\n")
+    p = run_snakemake(["-n", target, "--configfile", "config/smoke.yaml", "extra.yaml"], cwd=work)
+    assert "Nothing to be done" in p.stdout + p.stderr
