@@ -215,9 +215,12 @@ def cmd_baseline(args):
 def cmd_memorisation(args):
     from dpdm import memorisation
 
+    from dpdm import config as cfg
+
     memorisation.check_memorisation(Path(args.samples), Path(args.train), Path(args.test), Path(args.out),
                                     Path(args.pairs), settings=_read_json_arg(args.settings) if args.settings else None,
-                                    alpha=args.alpha, neighbours=args.neighbours)
+                                    alpha=args.alpha, neighbours=args.neighbours, extractor=args.extractor,
+                                    weights_path=cfg.env_or(args.weights, "DPDM_FID_WEIGHTS"), device=args.device)
 
 
 def cmd_audit(args):
@@ -397,6 +400,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--neighbours", type=positive_int, default=50)
     p.add_argument("--settings", help="cell settings to record in the result (JSON string or file)")
+    p.add_argument("--extractor", choices=["inception", "untrained"],
+                   help="also in this feature space (FID's Inception; 'untrained' for tests only)")
+    p.add_argument("--weights", help="Inception weights file (env DPDM_FID_WEIGHTS overrides)")
+    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_memorisation)
 
     p = sub.add_parser("audit", help="one-run privacy audit of a cell's mechanism (gradient canaries): an "

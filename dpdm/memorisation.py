@@ -19,6 +19,10 @@ For every sample, its nearest training image and its nearest test image in pixel
   so the same fraction of real held-out images is reported: the rate of a model that
   samples fresh real data. Samples flagged well above that rate are copies.
 
+With a feature extractor (the workflow passes FID's Inception when its weights are
+configured) every statistic is also computed on the features ("feature_space"): a copy
+that is shifted or re-coloured is far in pixels but near in features.
+
 This reads the private training set: its numbers are NOT covered by the DP guarantee
 (the JSON says so), and the figure of the closest sample / training pairs shows
 training images, so the workflow writes it to the cell's private/ folder unless the
@@ -80,14 +84,17 @@ def _summary(ratio: np.ndarray) -> dict:
 
 
 def memorisation(samples: np.ndarray, train: np.ndarray, test: np.ndarray, alpha: float = ALPHA,
-                 neighbours: int = NEIGHBOURS, chunk: int = 512) -> dict:
+                 neighbours: int = NEIGHBOURS, chunk: int = 512, features=None) -> dict:
     """The statistics above for uint8 image arrays (samples, train, test); also the
     per-sample arrays (under "_arrays", not written to JSON) for the figure.
 
     The test split is cut in two fixed halves: the second is the reference of every
     d(., test); the first, real images the model never saw, gets the same statistics as
     the samples (their ratio and near-copy rate), so each number has its real-data
-    baseline beside it, with the same set sizes."""
+    baseline beside it, with the same set sizes.
+
+    features: a feature extractor (dpdm.fid's, images -> [N, D]); then the same
+    statistics in its feature space as well, under "feature_space"."""
     if samples.shape[1:] != train.shape[1:] or test.shape[1:] != train.shape[1:]:
         raise DPDMError(f"memorisation: samples {samples.shape[1:]}, training {train.shape[1:]} and test "
                         f"{test.shape[1:]} images differ in shape; compare samples with their own dataset")
@@ -98,18 +105,10 @@ def memorisation(samples: np.ndarray, train: np.ndarray, test: np.ndarray, alpha
     neighbours = min(int(neighbours), len(train))
     half = len(test) // 2
     tr, probe, ref = _flat(train), _flat(test[:half]), _flat(test[half:])
-
-    def stats(images):
-        d_train, i_train = nearest(images, tr, k=neighbours, chunk=chunk)  # the whole training set
-        d_test = nearest(images, ref, k=1, chunk=chunk)[0][:, 0]
-        d1 = d_train[:, 0]
-        relative = d1 / np.maximum(alpha * d_train.mean(axis=1), 1e-12)  # Carlini et al.'s l(x^, x; S)
-        return d1, i_train[:, 0], d_test, d1 / np.maximum(d_test, 1e-12), relative
-
-    d1, i1, dt, ratio, relative = stats(_flat(samples))
-    _, _, _, real_ratio, real_relative = stats(probe)
+    d1, i1, dt, ratio, relative = _space_stats(_flat(samples), tr, ref, alpha, neighbours, chunk)
+    _, _, _, real_ratio, real_relative = _space_stats(probe, tr, ref, alpha, neighbours, chunk)
     rms = 1.0 / np.sqrt(tr.shape[1])  # distances as root-mean-square per pixel value in [0, 1], as Carlini et al.
-    return {
+    out = {
         "num_samples": int(len(samples)), "num_train": int(len(train)), "num_test_reference": int(len(ref)),
         "num_real_probes": int(len(probe)),
         "criterion": {"name": "Carlini et al. 2023, Sec. 5.1", "alpha": float(alpha), "neighbours": neighbours,
@@ -123,6 +122,41 @@ def memorisation(samples: np.ndarray, train: np.ndarray, test: np.ndarray, alpha
         "nearest_test_rms": {"min": float(dt.min() * rms), "median": float(np.median(dt) * rms)},
         "_arrays": {"d_train": d1, "i_train": i1, "d_test": dt, "ratio": ratio, "relative": relative},
     }
+    if features is not None:
+        out["feature_space"] = _feature_space(samples, train, test, half, features, alpha, neighbours, chunk, i1)
+    return out
+
+
+def _space_stats(queries, tr, ref, alpha: float, neighbours: int, chunk: int):
+    """(d to the nearest training row, its index, d to the nearest reference row, their
+    ratio, Carlini et al.'s relative distance) of every query row."""
+    d_train, i_train = nearest(queries, tr, k=neighbours, chunk=chunk)  # the whole training set
+    d_test = nearest(queries, ref, k=1, chunk=chunk)[0][:, 0]
+    d1 = d_train[:, 0]
+    relative = d1 / np.maximum(alpha * d_train.mean(axis=1), 1e-12)  # Carlini et al.'s l(x^, x; S)
+    return d1, i_train[:, 0], d_test, d1 / np.maximum(d_test, 1e-12), relative
+
+
+def _feature_space(samples, train, test, half, features, alpha, neighbours, chunk, pixel_nearest) -> dict:
+    """The same statistics on feature vectors (e.g. Inception's, as FID): a copy that is
+    shifted or re-coloured is far in pixels but near in features."""
+    import torch
+
+    def feats(images):
+        return torch.from_numpy(np.asarray(features(images), dtype=np.float32))
+
+    tr, probe, ref = feats(train), feats(test[:half]), feats(test[half:])
+    _, i1, _, ratio, relative = _space_stats(feats(samples), tr, ref, alpha, neighbours, chunk)
+    _, _, _, real_ratio, real_relative = _space_stats(probe, tr, ref, alpha, neighbours, chunk)
+    return {
+        "extractor": getattr(features, "identity", {}).get("name", type(features).__name__),
+        "near_copies": int((relative < 1).sum()),
+        "near_copy_fraction": float((relative < 1).mean()),
+        "near_copy_fraction_real": float((real_relative < 1).mean()),
+        "ratio_train_test": _summary(ratio),
+        "ratio_train_test_real": _summary(real_ratio),
+        "same_nearest_as_pixels": float((i1 == pixel_nearest).mean()),
+    }
 
 
 NOT_COVERED = ("computed from the private training set (nearest training images of every sample): these numbers "
@@ -130,14 +164,22 @@ NOT_COVERED = ("computed from the private training set (nearest training images 
 
 
 def check_memorisation(samples_path, train_path, test_path, out_path, pairs_path, settings: dict | None = None,
-                       alpha: float = ALPHA, neighbours: int = NEIGHBOURS) -> dict:
+                       alpha: float = ALPHA, neighbours: int = NEIGHBOURS, extractor: str | None = None,
+                       weights_path=None, device="auto") -> dict:
     """memorisation() of a sample file against the prepared splits -> JSON at out_path and
-    the figure of the PAIRS_SHOWN closest sample / training pairs at pairs_path."""
+    the figure of the PAIRS_SHOWN closest sample / training pairs at pairs_path.
+    extractor: also in the feature space of dpdm.fid's extractor ("inception" with its
+    weights; "untrained" for tests only)."""
     started = time.time()
     samples = read_images(samples_path, "samples", labels="ignored")[0]
     train = read_images(train_path, "training split", labels="ignored")[0]
     test = read_images(test_path, "test split", labels="ignored")[0]
-    result = memorisation(samples, train, test, alpha, neighbours)
+    features = None
+    if extractor:
+        from dpdm import fid
+
+        features = fid.build_extractor(extractor, weights_path, device)
+    result = memorisation(samples, train, test, alpha, neighbours, features=features)
     arrays = result.pop("_arrays")
     closest = np.argsort(arrays["d_train"], kind="stable")[:PAIRS_SHOWN]
     _pairs_figure(samples[closest], train[arrays["i_train"][closest]], arrays["relative"][closest], pairs_path)

@@ -75,6 +75,8 @@ MEMORISATION_FIGURE = (
     if config["memorisation"]["enabled"]
     else ""
 )
+# ... and in Inception's feature space as well when the FID has real weights.
+MEMORISATION_FEATURES = FID and config["fid"]["extractor"] == "inception"
 MAIN_CELLS = [c for c in GRID.cells.values() if not c.variant]
 
 
@@ -494,6 +496,19 @@ def get_results_dir(wildcards, output):
     """paths.results, from a table's path {results}/tables/<name>.tex."""
     tex = output.tex if isinstance(output.tex, str) else output.tex[0]
     return os.path.dirname(os.path.dirname(tex))
+
+
+def memorisation_weights_input(wildcards):
+    """The Inception weights, when the memorisation check also works in its feature space."""
+    return fid_weights_input() if MEMORISATION_FEATURES else []
+
+
+def memorisation_options():
+    m = config["memorisation"]
+    out = f"--alpha {m['alpha']} --neighbours {m['neighbours']}"
+    if MEMORISATION_FEATURES:
+        out += f" --extractor inception --weights {shlex.quote(fid_weights_input()[0])}"
+    return out
 
 
 # ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ rule memorisation:
         samples=cell_path(CELL_FILES["samples"]),
         train=data_path("{dataset}/train.npz"),
         test=data_path("{dataset}/test.npz"),
+        weights=memorisation_weights_input,
     output:
         json=cell_path(CELL_FILES["memorisation"]),
         pairs=cell_path(CELL_FILES[MEMORISATION_FIGURE or "pairs"]),
@@ -19,12 +20,12 @@ rule memorisation:
         cell_path("benchmarks/memorisation_{sampler}.tsv")
     conda:
         "../environment.yml"
-    threads: rule_threads("default")
+    threads: rule_threads("fid" if MEMORISATION_FEATURES else "default")
     resources:
-        **rule_resources("default"),
+        **rule_resources("fid" if MEMORISATION_FEATURES else "default"),
     params:
         settings=stage_settings("memorisation"),
-        options=f"--alpha {config['memorisation']['alpha']} --neighbours {config['memorisation']['neighbours']}",
+        options=memorisation_options(),
         code=code_hash("memorisation"),
     shell:
         "python -m dpdm memorisation --samples {input.samples:q} --train {input.train:q} --test {input.test:q}"

@@ -74,3 +74,45 @@ def test_bad_inputs(digits):
         memorisation.memorisation(train[:5, :4], train, train[:10])
     with pytest.raises(DPDMError, match="alpha"):
         memorisation.memorisation(train[:5], train, train[:10], alpha=2.0)
+
+
+def test_feature_space_sees_a_shifted_copy_that_pixels_miss(digits):
+    """With a feature extractor the same statistics are computed on features too (the
+    paper pipeline uses FID's Inception; here a stand-in that is blind to a one-pixel
+    shift): a shifted copy of a training image is far in pixels, a copy in features."""
+    train = data.load_split(digits, "train")[0]
+    test = data.load_split(digits, "test")[0]
+
+    class ShiftBlind:  # column sums of the image: a horizontal shift by one pixel keeps most of them
+        identity = {"name": "shift-blind stand-in"}
+
+        def __call__(self, images):
+            x = images.astype(np.float32).sum(axis=(2, 3))  # [N, H]: row sums, invariant to horizontal shifts
+            return x / 255.0
+
+    shifted = np.roll(train[:30], 1, axis=2)  # copies moved one pixel to the right
+    samples = np.concatenate([shifted, test[:60]])
+    res = memorisation.memorisation(samples, train, test[60:], neighbours=20, features=ShiftBlind())
+    arrays = res.pop("_arrays")
+    feat = res["feature_space"]
+    assert feat["extractor"] == "shift-blind stand-in"
+    assert (arrays["relative"][:30] < 1).mean() < 0.5  # pixels mostly miss the shifted copies ...
+    assert feat["near_copies"] >= 25  # ... features catch them
+    assert feat["near_copy_fraction_real"] < 0.5 and 0 <= feat["same_nearest_as_pixels"] <= 1
+
+
+def test_check_memorisation_with_the_untrained_extractor(digits, tmp_path):
+    """The CLI path: --extractor untrained (tests only) adds "feature_space" to the JSON
+    (small splits: the untrained Inception runs ~10 images/s on CPU)."""
+    from dpdm.cli import main
+
+    train, test = data.load_split(digits, "train")[0], data.load_split(digits, "test")[0]
+    for name, images in (("samples", test[:6]), ("train", train[:40]), ("test", test[6:26])):
+        np.savez(tmp_path / f"{name}.npz", images=images, labels=np.zeros(len(images), np.int64))
+    out, pairs = tmp_path / "m.json", tmp_path / "private" / "pairs.png"
+    main(["memorisation", "--samples", str(tmp_path / "samples.npz"), "--train", str(tmp_path / "train.npz"),
+          "--test", str(tmp_path / "test.npz"), "--out", str(out), "--pairs", str(pairs), "--extractor", "untrained",
+          "--device", "cpu", "--neighbours", "5"])
+    written = json.loads(out.read_text())
+    assert written["feature_space"]["extractor"] == "untrained" and written["num_train"] == 40
+    assert pairs.stat().st_size > 1000
