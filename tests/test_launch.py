@@ -190,3 +190,20 @@ def test_the_train_rule_with_two_processes_matches_one(tmp_path):
     (work / "extra.yaml").write_text(cell + "resources:\n  train: {processes: 1}\n")
     p = run_snakemake(["-n", target, "--configfile", "config/smoke.yaml", "extra.yaml"], cwd=work)
     assert "Nothing to be done" in p.stdout + p.stderr
+
+
+def test_a_gpu_rank_on_a_node_without_cuda_is_refused(monkeypatch):
+    """torchrun's environment asks for 2 ranks, the config for CUDA, the node has none:
+    a clear error before any process group is joined."""
+    from dpdm import privacy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(DPDMError, match="no CUDA: request GPUs"):
+        with privacy.process_group_from_env("cuda"):
+            pass
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a plain single process: nothing to join, nothing refused
+    with privacy.process_group_from_env("cuda"):
+        assert not torch.distributed.is_initialized()
