@@ -6,6 +6,9 @@
 # --stop-with-parent, training checkpoints and exits if Snakemake itself is killed.
 # logs/train.log holds the last attempt (Snakemake empties a log when a job starts);
 # logs/train_attempts.log keeps every attempt, each under a numbered header.
+# TRAIN_LAUNCHER (rules/common.smk, dpdm/launch.py) is empty or a torchrun command for
+# several GPUs / CPU ranks; it is not a param, so a change of the GPU count does not
+# retrain a finished cell (a checkpoint resumes on any number of processes).
 
 
 rule train:
@@ -33,7 +36,5 @@ rule train:
         settings=stage_settings("train"),
         code=code_hash("train"),
     shell:
-        # TRAIN_LAUNCHER is not a param: a change of the GPU count must not retrain a
-        # finished cell (a checkpoint resumes on any number of processes)
         "exec {TRAIN_LAUNCHER}python -m dpdm train --settings {params.settings:q} --data {params.data:q}"
         " --out {params.out:q} --stop-with-parent --log-file {params.attempts:q} > {log:q} 2>&1"
