@@ -6,9 +6,9 @@
 # --stop-with-parent, training checkpoints and exits if Snakemake itself is killed.
 # logs/train.log holds the last attempt (Snakemake empties a log when a job starts);
 # logs/train_attempts.log keeps every attempt, each under a numbered header.
-# TRAIN_LAUNCHER (rules/common.smk, dpdm/launch.py) is empty or a torchrun command for
-# several GPUs / CPU ranks; it is not a param, so a change of the GPU count does not
-# retrain a finished cell (a checkpoint resumes on any number of processes).
+# params.launch (dpdm/launch.py) is empty or a torchrun command for several GPUs / CPU
+# ranks. As a param it reruns a finished cell when the GPU count changes (an unfinished
+# one resumes its checkpoint on any number of processes).
 
 
 rule train:
@@ -35,6 +35,7 @@ rule train:
         attempts=get_attempts_log,
         settings=stage_settings("train"),
         code=code_hash("train"),
+        launch=TRAIN_LAUNCHER,
     shell:
-        "exec {TRAIN_LAUNCHER}python -m dpdm train --settings {params.settings:q} --data {params.data:q}"
+        "exec {params.launch}python -m dpdm train --settings {params.settings:q} --data {params.data:q}"
         " --out {params.out:q} --stop-with-parent --log-file {params.attempts:q} > {log:q} 2>&1"
