@@ -263,18 +263,15 @@ def run(args) -> dict:
     log.info("gpu-check: benchmark done (%.0f s)", time.time() - started)
     config = cfg.load_config([args.config or mode["config"]])
     datasets = list(dict.fromkeys(c.dataset for c in cfg.plan_grid(config).cells.values()))
+    cells = {ds: cfg.resolve_cell(config, ds, eps, seed) for ds, eps, seed in reversed(cfg.iter_cells(config))}
     timed = {}
-    for ds in datasets:
-        eps = next(float(e) for exp in config["experiments"] if exp["dataset"] == ds for e in exp["eps"])
-        timed[ds] = time_training(cfg.resolve_cell(config, ds, eps, 0), device, args.steps or mode["steps"],
-                                  args.budget_s)
+    for ds in datasets:  # a dataset's first cell stands for its step time (sigma does not change it)
+        timed[ds] = time_training(cells[ds], device, args.steps or mode["steps"], args.budget_s)
         log.info("gpu-check: %s DP step %.3f s (%d steps timed)", ds, timed[ds]["s_per_step"],
                  timed[ds]["steps_timed"])
     result["training"] = timed
     result["projection"] = project(config, {ds: t["s_per_step"] for ds, t in timed.items()})
-    first = datasets[0]
-    eps = next(float(e) for exp in config["experiments"] if exp["dataset"] == first for e in exp["eps"])
-    result["sampling"] = time_sampling(cfg.resolve_cell(config, first, eps, 0), device, mode["sample_images"],
+    result["sampling"] = time_sampling(cells[datasets[0]], device, mode["sample_images"],
                                        mode["sample_steps"], mode["sample_batch"], args.weights, args.model)
     result["wall_s"] = time.time() - started
     return result

@@ -19,3 +19,19 @@ def subprocess_env(**extra: str) -> dict:
     if "DPDM_DP_SEED" not in extra:
         env.pop("DPDM_DP_SEED", None)
     return env
+
+
+def sigterm_after_line(proc, marker: str, timeout: float = 120) -> tuple[str, str]:
+    """Read `proc`'s stderr until a line holds `marker`, send SIGTERM, then read the rest:
+    (the text up to and including that line, the rest)."""
+    import signal
+    import time
+
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stderr:
+        lines.append(line)
+        if marker in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    return "".join(lines), proc.stderr.read()

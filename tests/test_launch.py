@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 
 from dpdm import launch
 from dpdm.artifacts import DPDMError
-from helpers import subprocess_env  # tests/helpers.py
+from helpers import sigterm_after_line, subprocess_env  # tests/helpers.py
 from test_train import tiny_settings  # noqa: F401  (the tiny cell of the training tests)
 
 
@@ -101,17 +99,10 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one(tmp_path, digits16):
     assert p.returncode == 0, p.stderr[-3000:]
     proc = subprocess.Popen(_train_cmd(tmp_path, settings, digits16, out, 2), env=subprocess_env(DPDM_DP_SEED="5"),
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path)
-    deadline, lines = time.time() + 300, []
-    for line in proc.stderr:
-        lines.append(line)
-        if "dpdm.train INFO step 3/8" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline, "".join(lines)
-    rest = proc.stderr.read()
+    head, rest = sigterm_after_line(proc, "dpdm.train INFO step 3/8", timeout=300)
     proc.wait(timeout=120)
     ckpt = out / "checkpoints" / "checkpoint.pt"
-    assert ckpt.exists(), "".join(lines) + rest
+    assert ckpt.exists(), head + rest
     assert not (out / "model.pt").exists()
     step = torch.load(ckpt, weights_only=True)["step"]
     assert 3 <= step < 8

@@ -18,7 +18,7 @@ import torch
 from dpdm import config as cfg
 from dpdm import privacy, train
 from dpdm.artifacts import DPDMError
-from helpers import subprocess_env  # tests/helpers.py
+from helpers import sigterm_after_line, subprocess_env  # tests/helpers.py
 
 
 
@@ -211,17 +211,9 @@ def test_cli_train_outputs_and_sigterm(tmp_path, digits_dir):
            "--out", str(out), "--log-file", str(attempts)]
     env = subprocess_env()
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path)
-    lines = []
-    deadline = time.time() + 120
-    for line in proc.stderr:
-        lines.append(line)
-        if "dpdm.train INFO step 2/8" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline, "".join(lines)
-    rest = proc.stderr.read()
+    head, rest = sigterm_after_line(proc, "dpdm.train INFO step 2/8")
     rc = proc.wait(timeout=120)
-    assert rc == train.EXIT_CHECKPOINTED, "".join(lines) + rest
+    assert rc == train.EXIT_CHECKPOINTED, head + rest
     assert "SIGTERM" in rest
     assert (out / "checkpoints" / "checkpoint.pt").exists()
     assert not (out / "privacy.json").exists() and not (out / "model.pt").exists()
