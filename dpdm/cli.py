@@ -160,8 +160,9 @@ def _append_log(path: Path) -> None:
 
 
 def cmd_train(args):
-    from dpdm import privacy, train
+    from dpdm import launch, privacy, train
 
+    launch.relaunch(args.procs_per_node, args.nodes, args.argv)  # several processes: exec torchrun
     settings = _settings(args)
     if args.log_file and int(os.environ.get("RANK", "0")) == 0:
         _append_log(Path(args.log_file))
@@ -349,6 +350,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                       "logs/train_attempts.log)")
     p.add_argument("--stop-with-parent", action="store_true",
                    help="checkpoint and exit when the parent process dies (the workflow's jobs: no orphans)")
+    p.add_argument("--procs-per-node", type=positive_int, default=1, metavar="P",
+                   help="processes per node (one per GPU): more than one in all runs this command under torchrun "
+                        "(dpdm/launch.py; the workflow passes resources.train's count)")
+    p.add_argument("--nodes", type=positive_int, default=1, metavar="N",
+                   help="nodes (inside a SLURM allocation: srun + torchrun's c10d rendezvous)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate samples from a trained model")
@@ -465,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)  # -v is the only global option
     args = build_parser(command).parse_args(argv)
+    args.argv = argv  # what `train` reruns under torchrun
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     keep_freed_memory()

@@ -1,24 +1,36 @@
-"""How a training job starts its processes: one `python -m dpdm`, or torchrun with one
-process per GPU (or per CPU rank), on one node or several.
+"""How a training job starts its processes: one `python -m dpdm train`, or torchrun with
+one process per GPU (or per CPU rank), on one node or several.
 
 The train rule's resources say how many: `resources.train.gpu` GPUs (one process each)
-or, on CPU, `resources.train.processes`; `resources.train.nodes` nodes. Every process
-runs the same `python -m dpdm train`, which joins torchrun's process group itself
-(dpdm.privacy.process_group_from_env); the mechanism draws the same Poisson batch on
-every rank, shards it, and adds the noise once, so the number of processes changes
-the speed and nothing else (weights equal to one process's up to float rounding; the
-ledger identical), and a checkpoint written by any number of ranks resumes on any other.
+or, on CPU, `resources.train.processes`; `resources.train.nodes` nodes. The rule passes
+the result as `python -m dpdm train --procs-per-node P --nodes N`; when P x N > 1 that
+command replaces itself (exec, same PID, so SLURM's signals reach it) with torchrun
+running the same command once per process, under srun on several nodes. The counts are
+job resources, not params, so changing the GPU count of a finished cell does not rerun
+it (Snakemake does not treat resources as rerun triggers), and a cell in progress
+resumes its checkpoint on the new count.
 
-Several nodes (under SLURM): `srun` starts one torchrun per node, which meet at a
-c10d rendezvous on the job's first node (PyTorch's recipe for SLURM); the job asks
-SLURM for `nodes` nodes and `gpu` GPUs in all, `gpu / nodes` per node.
+Every process joins torchrun's process group itself (dpdm.privacy.process_group_from_env);
+the mechanism draws the same Poisson batch on every rank, shards it, and adds the noise
+once, so the number of processes changes the speed and nothing else (weights equal to
+one process's up to float rounding; the ledger identical).
+
+Several nodes (under SLURM): `srun` starts one torchrun per node, which meet at a c10d
+rendezvous on the job's first node (PyTorch's recipe for SLURM); the job asks SLURM for
+`nodes` nodes and `gpu` GPUs in all, `gpu / nodes` per node.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from dpdm.errors import DPDMError
 
 RENDEZVOUS_PORT = 29500
+# What `python -m dpdm train` is told, and strips before running itself under torchrun.
+LAUNCH_OPTIONS = ("--procs-per-node", "--nodes")
 
 
 def processes_per_node(resources: dict) -> int:
@@ -39,17 +51,60 @@ def processes_per_node(resources: dict) -> int:
     return procs
 
 
-def launcher(resources: dict) -> str:
-    """What the train rule puts before `python -m dpdm train ...` for a job with these
-    resources: nothing (one process), or torchrun (--no-python: it runs the command as
-    given, once per process), under srun on several nodes."""
-    per_node, nodes = processes_per_node(resources), int(resources.get("nodes", 1) or 1)
-    if per_node * nodes == 1:
-        return ""
+def under_torchrun() -> bool:
+    """True in a process torchrun started (it sets LOCAL_RANK for each)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def strip_launch_options(argv: list[str]) -> list[str]:
+    """argv without --procs-per-node / --nodes (and their values): what each rank runs."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in LAUNCH_OPTIONS:
+            skip = True
+        elif not a.startswith(tuple(o + "=" for o in LAUNCH_OPTIONS)):
+            out.append(a)
+    return out
+
+
+def _first_node() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist or "SLURM_JOB_ID" not in os.environ:
+        raise DPDMError("training on several nodes runs inside a SLURM allocation (srun + torchrun's rendezvous), "
+                        "but SLURM_JOB_NODELIST / SLURM_JOB_ID are not set; submit it through the slurm profile, "
+                        "or use resources.train.nodes: 1")
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise DPDMError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with `scontrol show hostnames` ({e})") from None
+    return hosts[0]
+
+
+def command(per_node: int, nodes: int, rank_argv: list[str]) -> list[str]:
+    """The command that runs `rank_argv` (a full command line, e.g. [python, -m, dpdm,
+    train, ...]) once per process: torchrun (--no-python: it runs the command as given),
+    under srun on several nodes. torchrun is started as `python -m torch.distributed.run`,
+    so it is the torch of this interpreter whatever PATH holds."""
+    if per_node < 1 or nodes < 1:
+        raise DPDMError(f"--procs-per-node {per_node} --nodes {nodes}: each must be >= 1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={per_node}"]
     if nodes == 1:
-        return f"torchrun --standalone --nnodes=1 --nproc-per-node={per_node} --no-python "
-    # One torchrun per node (srun), meeting on the allocation's first node.
-    head = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
-    return (f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes={nodes} "
-            f"--nproc-per-node={per_node} --rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d "
-            f"--rdzv-endpoint={head}:{RENDEZVOUS_PORT} --no-python ")
+        return torchrun + ["--standalone", "--no-python", *rank_argv]
+    rendezvous = [f"--rdzv-id={os.environ.get('SLURM_JOB_ID')}", "--rdzv-backend=c10d",
+                  f"--rdzv-endpoint={_first_node()}:{RENDEZVOUS_PORT}"]
+    srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    return srun + torchrun + rendezvous + ["--no-python", *rank_argv]
+
+
+def relaunch(per_node: int, nodes: int, argv: list[str]) -> None:
+    """Replace this process with torchrun running `python -m dpdm <argv>` (launch options
+    stripped) once per process, when more than one is asked for and this process is not
+    already one of torchrun's; else return and let the caller train here."""
+    if per_node * nodes == 1 or under_torchrun():
+        return
+    cmd = command(per_node, nodes, [sys.executable, "-m", "dpdm", *strip_launch_options(argv)])
+    print("dpdm train: starting " + " ".join(cmd), file=sys.stderr, flush=True)
+    os.execvp(cmd[0], cmd)

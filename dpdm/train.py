@@ -418,6 +418,9 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
         raise DPDMError(f"{world} processes for an expected logical batch of {p['sample_rate'] * n:.1f} examples: "
                         "most ranks would have nothing to compute; use at most as many processes (GPUs) as "
                         "examples per batch (resources.train.gpu / processes), or a larger train.batch_size")
+    if distributed and rank == 0:
+        log.info("%d processes (world size %d, %s): each computes a shard of every logical batch, rank 0 adds "
+                 "the noise and writes the outputs", world, world, device)
     q, planned, sigma, delta = p["sample_rate"], p["planned_steps"], p["noise_multiplier"], p["delta"]
     k, label_dropout, log_every = int(tr["noise_multiplicity"]), float(tr["label_dropout"]), int(tr["log_every"])
 

@@ -206,7 +206,8 @@ def rule_resources(rule_name):
     """Resources of a rule from config `resources`; runtime and memory grow with
     the attempt so a retry (profile `retries`) gets a larger allocation. Training on
     several nodes (resources.train.nodes) is an srun job of one task per node, each a
-    torchrun of gpu / nodes processes (dpdm.launch)."""
+    torchrun of gpu / nodes processes; train's procs_per_node / proc_nodes tell `python
+    -m dpdm train` how many processes to start (dpdm.launch)."""
     r = _resources_of(rule_name)
     out = {
         "runtime": lambda wc, attempt: int(r.get("runtime", 60) * attempt),
@@ -215,22 +216,18 @@ def rule_resources(rule_name):
         "gpu": int(r.get("gpu", 0)),
         "slurm_extra": r.get("slurm_extra", ""),
     }
-    nodes = int(r.get("nodes", 1))
+    nodes, per_node = int(r.get("nodes", 1)), launch.processes_per_node(r)
+    if rule_name == "train":  # `python -m dpdm train --procs-per-node P --nodes N`
+        out.update(procs_per_node=per_node, proc_nodes=nodes)
     if nodes > 1:
-        per_node = launch.processes_per_node(r)
         out.update(
             nodes=nodes,
-            mpi="srun",  # the job's shell starts its own srun (dpdm.launch.launcher)
+            mpi="srun",  # the job's shell starts its own srun (dpdm.launch.command)
             tasks=nodes,  # one torchrun per node
             tasks_per_gpu=0,  # not one task per GPU: torchrun starts those
             slurm_extra=f"{out['slurm_extra']} --gpus-per-node={per_node}".strip(),
         )
     return out
-
-
-# Before `python -m dpdm train`: nothing, or torchrun with one process per GPU / CPU
-# rank (dpdm.launch).
-TRAIN_LAUNCHER = launch.launcher(_resources_of("train"))
 
 
 def rule_threads(rule_name):

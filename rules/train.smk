@@ -6,9 +6,10 @@
 # --stop-with-parent, training checkpoints and exits if Snakemake itself is killed.
 # logs/train.log holds the last attempt (Snakemake empties a log when a job starts);
 # logs/train_attempts.log keeps every attempt, each under a numbered header.
-# params.launch (dpdm/launch.py) is empty or a torchrun command for several GPUs / CPU
-# ranks. As a param it reruns a finished cell when the GPU count changes (an unfinished
-# one resumes its checkpoint on any number of processes).
+# Several GPUs / CPU ranks / nodes: `python -m dpdm train --procs-per-node P --nodes N`
+# execs torchrun (under srun on several nodes; dpdm/launch.py). The counts are resources,
+# not params: a finished cell is not rerun when the GPU count changes, and an unfinished
+# one resumes its checkpoint on any number of processes.
 
 
 rule train:
@@ -35,7 +36,7 @@ rule train:
         attempts=get_attempts_log,
         settings=stage_settings("train"),
         code=code_hash("train"),
-        launch=TRAIN_LAUNCHER,
     shell:
-        "exec {params.launch}python -m dpdm train --settings {params.settings:q} --data {params.data:q}"
-        " --out {params.out:q} --stop-with-parent --log-file {params.attempts:q} > {log:q} 2>&1"
+        "exec python -m dpdm train --settings {params.settings:q} --data {params.data:q} --out {params.out:q}"
+        " --procs-per-node {resources.procs_per_node} --nodes {resources.proc_nodes} --stop-with-parent"
+        " --log-file {params.attempts:q} > {log:q} 2>&1"

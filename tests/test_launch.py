@@ -6,6 +6,7 @@ more ranks than examples per batch is refused."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,18 +21,52 @@ from helpers import sigterm_after_line, subprocess_env  # tests/helpers.py
 from test_train import tiny_settings  # noqa: F401  (the tiny cell of the training tests)
 
 
-def test_launcher_commands():
-    assert launch.launcher({"gpu": 1}) == launch.launcher({}) == ""
-    assert launch.launcher({"gpu": 8}) == "torchrun --standalone --nnodes=1 --nproc-per-node=8 --no-python "
-    assert launch.launcher({"processes": 2}) == "torchrun --standalone --nnodes=1 --nproc-per-node=2 --no-python "
-    two_nodes = launch.launcher({"gpu": 8, "nodes": 2})
-    assert two_nodes.startswith("srun --nodes=2 --ntasks-per-node=1 ")
-    assert "torchrun --nnodes=2 --nproc-per-node=4 --rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d" in two_nodes
-    assert "--rdzv-endpoint=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1):29500" in two_nodes
+def test_processes_per_node_from_the_train_resources():
+    assert launch.processes_per_node({}) == launch.processes_per_node({"gpu": 1}) == 1
+    assert launch.processes_per_node({"gpu": 8}) == 8
+    assert launch.processes_per_node({"processes": 2}) == 2
+    assert launch.processes_per_node({"gpu": 8, "nodes": 2}) == 4
     with pytest.raises(DPDMError, match="do not split evenly over 3 nodes"):
-        launch.launcher({"gpu": 8, "nodes": 3})
+        launch.processes_per_node({"gpu": 8, "nodes": 3})
     with pytest.raises(DPDMError, match="without GPUs"):
-        launch.launcher({"gpu": 0, "nodes": 2})
+        launch.processes_per_node({"gpu": 0, "nodes": 2})
+
+
+def test_the_launch_options_are_stripped_from_what_each_rank_runs():
+    argv = ["-v", "train", "--settings", "s.json", "--procs-per-node", "2", "--nodes=1", "--out", "o"]
+    assert launch.strip_launch_options(argv) == ["-v", "train", "--settings", "s.json", "--out", "o"]
+
+
+def test_torchrun_commands_for_one_node_and_two(monkeypatch, tmp_path):
+    rank = [sys.executable, "-m", "dpdm", "train", "--out", "o"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    assert launch.command(8, 1, rank) == torchrun + ["--nnodes=1", "--nproc-per-node=8", "--standalone",
+                                                     "--no-python", *rank]
+    # two nodes: srun, one torchrun per node, a c10d rendezvous on the allocation's first node
+    for var in ("SLURM_JOB_NODELIST", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(DPDMError, match="inside a SLURM allocation"):
+        launch.command(4, 2, rank)
+    (tmp_path / "scontrol").write_text("#!/bin/sh\n[ \"$*\" = 'show hostnames gn[07-08]' ] && printf 'gn07\\ngn08\\n'\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gn[07-08]")
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    assert launch.command(4, 2, rank) == (
+        ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"] + torchrun
+        + ["--nnodes=2", "--nproc-per-node=4", "--rdzv-id=4711", "--rdzv-backend=c10d", "--rdzv-endpoint=gn07:29500",
+           "--no-python", *rank])
+
+
+def test_one_process_or_a_torchrun_rank_does_not_relaunch(monkeypatch):
+    def no_exec(*a):
+        raise AssertionError(f"exec {a}")
+
+    monkeypatch.setattr(os, "execvp", no_exec)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    launch.relaunch(1, 1, ["train"])  # one process: train here
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    launch.relaunch(2, 1, ["train"])  # already one of torchrun's ranks: train here
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +81,8 @@ def digits16(tmp_path_factory):
 def _train_cmd(tmp_path, settings, data_dir, out, processes: int):
     f = tmp_path / f"settings_{out.name}.json"
     f.write_text(json.dumps(settings))
-    prefix = launch.launcher({"processes": processes}).split()  # [] or torchrun's options
-    prefix = [str(Path(sys.executable).with_name("torchrun"))] + prefix[1:] if prefix else []
-    return prefix + [sys.executable, "-m", "dpdm", "train", "--settings", str(f), "--data", str(data_dir),
-                     "--out", str(out)]
+    return [sys.executable, "-m", "dpdm", "train", "--settings", str(f), "--data", str(data_dir), "--out", str(out),
+            "--procs-per-node", str(processes)]  # more than 1: it execs torchrun
 
 
 def _run(cmd, tmp_path, **env):
@@ -133,33 +166,41 @@ def _workdir(tmp_path, name: str, extra: str) -> Path:
     return work
 
 
-def test_the_slurm_dry_run_shows_the_torchrun_launch_and_the_gpu_request(tmp_path):
-    """`snakemake -n -p --profile slurm`: with resources.train.gpu 8 the train jobs run
-    torchrun with 8 processes and ask for 8 GPUs; on 2 nodes, srun + a c10d rendezvous and
-    the per-node GPU request."""
+def _dry_run_train(work: Path) -> tuple[str, str]:
+    """The train job's shell command and resources in `snakemake -n -p --profile slurm`."""
     from test_workflow import run_snakemake
 
-    work = _workdir(tmp_path, "gpu8", "resources:\n  train: {gpu: 8}\n")
     p = run_snakemake(["-n", "-p", "--profile", "slurm", "results/mnist/eps10/seed0/model.pt",
                        "--configfile", "config/config.yaml", "extra.yaml"], cwd=work)
     out = p.stdout + p.stderr
-    assert "exec torchrun --standalone --nnodes=1 --nproc-per-node=8 --no-python python -m dpdm train" in out
-    assert re.search(r"rule train:.*?resources:[^\n]*\bgpu=8\b", out, re.S), out[-3000:]
-    work = _workdir(tmp_path, "nodes2", "resources:\n  train: {gpu: 8, nodes: 2}\n")
-    p = run_snakemake(["-n", "-p", "--profile", "slurm", "results/mnist/eps10/seed0/model.pt",
-                       "--configfile", "config/config.yaml", "extra.yaml"], cwd=work)
-    out = p.stdout + p.stderr
-    assert "exec srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes=2 --nproc-per-node=4" in out
-    assert "--rdzv-endpoint=$(scontrol show hostnames" in out and "--no-python python -m dpdm train" in out
-    resources = re.search(r"rule train:.*?resources: ([^\n]*)", out, re.S).group(1)
-    for want in ("gpu=8", "nodes=2", "mpi=srun", "tasks=2", "tasks_per_gpu=0", "--gpus-per-node=4"):
+    resources = re.search(r"rule train:.*?resources: ([^\n]*)", out, re.S)
+    shell = re.search(r"exec python -m dpdm train [^\n]*", out)
+    assert resources and shell, out[-3000:]
+    return shell.group(0), resources.group(1)
+
+
+def test_the_slurm_dry_run_shows_the_process_counts_and_the_gpu_request(tmp_path):
+    """`snakemake -n -p --profile slurm`: with resources.train.gpu 8 the train job asks
+    SLURM for 8 GPUs and tells `python -m dpdm train` to start 8 processes (it execs
+    torchrun: test_torchrun_commands_*); on 2 nodes, 4 per node, an srun job of one task
+    per node with the per-node GPU request."""
+    shell, resources = _dry_run_train(_workdir(tmp_path, "gpu8", "resources:\n  train: {gpu: 8}\n"))
+    assert "--procs-per-node 8 --nodes 1" in shell
+    for want in ("gpu=8", "procs_per_node=8", "proc_nodes=1"):
+        assert want in resources, (want, resources)
+    assert "mpi=srun" not in resources
+    shell, resources = _dry_run_train(_workdir(tmp_path, "nodes2", "resources:\n  train: {gpu: 8, nodes: 2}\n"))
+    assert "--procs-per-node 4 --nodes 2" in shell
+    for want in ("gpu=8", "nodes=2", "mpi=srun", "tasks=2", "tasks_per_gpu=0", "--gpus-per-node=4",
+                 "procs_per_node=4", "proc_nodes=2"):
         assert want in resources, (want, resources)
 
 
 @pytest.mark.slow
 def test_the_train_rule_with_two_processes_matches_one(tmp_path):
     """The real train rule (local executor) with resources.train.processes 2 and with 1, the
-    same DP seed: same ledger, the same weights to float rounding."""
+    same DP seed: same ledger, the same weights to float rounding. The process count is a
+    resource, not a rerun trigger: the finished 2-process cell is up to date for 1 process."""
     from test_workflow import run_snakemake
 
     cell = "datasets:\n  digits:\n    cells:\n      10: {train: {max_steps: 6}}\n"
@@ -167,16 +208,20 @@ def test_the_train_rule_with_two_processes_matches_one(tmp_path):
     outs = {}
     for n in (1, 2):
         work = _workdir(tmp_path, f"p{n}", cell + f"resources:\n  train: {{processes: {n}, cpus_per_task: {n}}}\n")
-        p = run_snakemake([target, "--cores", "2", "--configfile", "config/smoke.yaml", "extra.yaml", "-p"], cwd=work,
+        p = run_snakemake([target, "--cores", "2", "--configfile", "config/smoke.yaml", "extra.yaml"], cwd=work,
                           env={"DPDM_DP_SEED": "3"})
-        launched = "torchrun --standalone --nnodes=1 --nproc-per-node=2" in p.stdout + p.stderr
-        assert launched == (n == 2)
         outs[n] = work / "results" / "smoke" / "digits" / "eps10" / "seed0"
+        log = (outs[n] / "logs" / "train.log").read_text()
+        launched = "torch.distributed.run --nnodes=1 --nproc-per-node=2 --standalone --no-python" in log
+        assert launched == (n == 2), log[-3000:]
     l1, l2 = (json.loads((o / "privacy.json").read_text()) for o in outs.values())
     assert l1["steps"] == l2["steps"] == 6
     for key in ("noise_multiplier", "sample_rate", "eps_rdp", "eps_prv", "history"):
         assert l1[key] == l2[key], key
     _close(_weights(outs[1]), _weights(outs[2]))
+    (work / "extra.yaml").write_text(cell + "resources:\n  train: {processes: 1, cpus_per_task: 1}\n")
+    p = run_snakemake(["-n", target, "--configfile", "config/smoke.yaml", "extra.yaml"], cwd=work)
+    assert "Nothing to be done" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
 
 
 def test_a_gpu_rank_on_a_node_without_cuda_is_refused(monkeypatch):

@@ -204,13 +204,14 @@ def _cancel_jobs_in(workdir: Path):
         subprocess.run(["scancel", *ids], capture_output=True, timeout=20)
 
 
-def run_bounded(args: list[str], cwd: Path, timeout: int, name: str, recorder: JobRecorder | None = None
-                ) -> tuple[int, str]:
+def run_bounded(args: list[str], cwd: Path, timeout: int, name: str, recorder: JobRecorder | None = None,
+                extra_env: dict | None = None) -> tuple[int, str]:
     """Run snakemake in cwd with its output in cwd/<name>.out. Past `timeout` seconds, or
     as soon as the recorder sees a job SLURM will never start: SIGINT (Snakemake cancels
     its SLURM jobs), SIGKILL 30 s later, then scancel whatever is left in cwd, and fail."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env.pop("DPDM_FID_WEIGHTS", None)
+    env.update(extra_env or {})
     out = cwd / f"{name}.out"
     deadline = time.time() + timeout
     with open(out, "w") as f:
@@ -426,6 +427,68 @@ def test_time_limit_checkpoints_retries_with_a_longer_limit_and_resumes(preempte
     steps = [int(r["step"]) for r in csv.DictReader((p.cell / "private" / "train_metrics.csv").open())]
     assert steps == sorted(set(steps)) and steps[-1] == p.max_steps, steps
     assert not (p.cell / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------
+# Issue 18: the train rule with 2 CPU ranks as one SLURM job.
+
+TWO_RANKS_TIMEOUT = 420
+
+
+def _ranks_config(work: Path, processes: int) -> Path:
+    """The smoke's digits eps10 cell, 6 steps, in results/ranks{processes}, with
+    resources.train asking for `processes` CPU ranks (no GPU) and as many CPUs."""
+    cfg = {"paths": {"results": f"results/ranks{processes}"},
+           "datasets": {"digits": {"cells": {10: {"train": {"max_steps": 6}}}}},
+           "resources": {"train": {"gpu": 0, "processes": processes, "cpus_per_task": processes}}}
+    path = work / f"ranks{processes}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_ranks(cluster, tmp_path_factory):
+    """One process locally, then 2 ranks through the slurm profile, the same DP seed."""
+    work = copy_workflow(tmp_path_factory.mktemp("slurm_ranks"))
+    seed = {"DPDM_DP_SEED": "3"}
+    config = ["--configfile", "config/smoke.yaml", str(SLURM_DIR / "ci.yaml")]
+    one = _ranks_config(work, 1)
+    rc, out = run_bounded(["results/ranks1/digits/eps10/seed0/model.pt", "--cores", "1", *config, one.name], work,
+                          TWO_RANKS_TIMEOUT, "ranks1", extra_env=seed)
+    _assert_ok(rc, out, "the one-process run")
+    two = _ranks_config(work, 2)
+    with JobRecorder(work) as rec:
+        rc, out = run_bounded(["results/ranks2/digits/eps10/seed0/model.pt", *PROFILE_ARGS, *config, two.name], work,
+                              TWO_RANKS_TIMEOUT, "ranks2", rec, extra_env=seed)
+    return SimpleNamespace(work=work, rc=rc, out=out, jobs=rec.jobs)
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_the_train_rule_runs_two_ranks_in_one_slurm_job(two_ranks):
+    """resources.train.processes 2: one SLURM job with 2 CPUs, in which `python -m dpdm
+    train` execs torchrun with 2 gloo ranks; the ledger equals the one-process run's and
+    the weights agree to float rounding (tests/test_launch.py: a tolerance that catches
+    another noise draw)."""
+    import torch
+
+    t = two_ranks
+    _assert_ok(t.rc, t.out, "the 2-rank run on SLURM")
+    trains = [t.jobs[sub.jobid] for sub in submissions(t.out) if sub.rule == "train"]
+    assert len(trains) == 1 and trains[0]["JobState"] == "COMPLETED", trains
+    assert trains[0]["NumCPUs"] == "2", trains[0]
+    cells = [t.work / f"results/ranks{n}/digits/eps10/seed0" for n in (1, 2)]
+    log = (cells[1] / "logs" / "train.log").read_text()
+    assert "torch.distributed.run --nnodes=1 --nproc-per-node=2 --standalone" in log, log[-3000:]
+    assert "2 processes (world size 2, cpu)" in log, log[-3000:]
+    l1, l2 = (json.loads((c / "privacy.json").read_text()) for c in cells)
+    assert l1["steps"] == l2["steps"] == 6
+    for key in ("noise_multiplier", "sample_rate", "eps_rdp", "eps_prv", "history"):
+        assert l1[key] == l2[key], key
+    w1, w2 = (torch.load(c / "model.pt", map_location="cpu", weights_only=True) for c in cells)
+    for part in ("model", "ema"):
+        for name, x in w1[part].items():
+            torch.testing.assert_close(x, w2[part][name], rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
 
 
 # ----------------------------------------------------------------------------
