@@ -122,7 +122,45 @@ def CNN(resolution, channels: int, num_classes: int, widths=(32, 64, 128), dense
     return nn.Sequential(*layers)
 
 
-_BUILDERS = {"logreg": LogReg, "mlp": MLP, "cnn": CNN}
+class WideBlock(torch.nn.Module):
+    """Pre-activation basic block of a wide ResNet (Zagoruyko & Komodakis 2016) with
+    GroupNorm for BatchNorm (De et al. 2022: per-example gradients need no batch statistics)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, groups: int = 16):
+        super().__init__()
+        nn = _nn()
+        self.norm0 = nn.GroupNorm(min(groups, c_in), c_in)
+        self.conv0 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(min(groups, c_out), c_out)
+        self.conv1 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.skip = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if (c_in != c_out or stride != 1) else None
+
+    def forward(self, x):
+        a = torch.relu(self.norm0(x))
+        y = self.conv1(torch.relu(self.norm1(self.conv0(a))))
+        return y + (x if self.skip is None else self.skip(a))
+
+
+def WRN(resolution, channels: int, num_classes: int, depth: int = 16, width: int = 4):
+    """WRN-depth-width: a 3x3 stem of 16 channels, three stages of (depth - 4) / 6 blocks
+    of 16w, 32w, 64w channels (strides 1, 2, 2), GroupNorm, ReLU, global average pool,
+    linear. The classifier of Ghalebikesabi et al. 2023 for CIFAR-10 / Camelyon17."""
+    nn = _nn()
+    _hw(resolution)
+    if (depth - 4) % 6:
+        raise DPDMError(f"WRN depth must be 6n + 4 (16, 22, 28, ...), got {depth}")
+    n = (depth - 4) // 6
+    layers, c = [nn.Conv2d(channels, 16, 3, padding=1, bias=False)], 16
+    for stage, stride in zip((16 * width, 32 * width, 64 * width), (1, 2, 2)):
+        for i in range(n):
+            layers.append(WideBlock(c, stage, stride if i == 0 else 1))
+            c = stage
+    layers += [nn.GroupNorm(16, c), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)]
+    return nn.Sequential(*layers)
+
+
+_BUILDERS = {"logreg": LogReg, "mlp": MLP, "cnn": CNN,
+             "wrn-16-4": lambda r, c, k: WRN(r, c, k, 16, 4), "wrn-28-10": lambda r, c, k: WRN(r, c, k, 28, 10)}
 
 
 def build_classifier(name: str, resolution, channels: int, num_classes: int):

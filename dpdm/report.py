@@ -36,8 +36,12 @@ PRETTY_DATASET = {
     "celeba32": "CelebA 32",
     "cifar10": "CIFAR-10",
     "digits": "Digits",
+    "digits_public": "Digits (public half)",
+    "digits_private": "Digits (private half)",
+    "imagenet32": "ImageNet 32",
+    "camelyon17": "Camelyon17",
 }
-PRETTY_CLASSIFIER = {"logreg": "Log Reg", "mlp": "MLP", "cnn": "CNN"}
+PRETTY_CLASSIFIER = {"logreg": "Log Reg", "mlp": "MLP", "cnn": "CNN", "wrn-16-4": "WRN-16-4", "wrn-28-10": "WRN-28-10"}
 UNTRAINED_NOTE = "FID from an UNTRAINED extractor (test-only mode): not comparable to the paper"
 KINDS = ("privacy", "metrics", "fid", "classify", "judge", "baseline", "grid")  # what the report reads
 

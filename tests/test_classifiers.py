@@ -88,6 +88,18 @@ def test_architectures_match_the_paper():
     assert [(d.in_features, d.out_features) for d in dense] == [(1152, 128), (128, 10)]  # 28 -> 3x3x128
 
 
+def test_wide_resnets_have_the_published_sizes():
+    """Issue 17: WRN-16-4 and WRN-28-10 (Zagoruyko & Komodakis 2016 report 2.7M and 36.5M
+    parameters on CIFAR-10), with GroupNorm in place of BatchNorm."""
+    for name, millions, blocks in (("wrn-16-4", 2.75, 6), ("wrn-28-10", 36.48, 12)):
+        model = classifiers.build_classifier(name, 32, 3, 10)
+        assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions
+        assert sum(isinstance(m, classifiers.WideBlock) for m in model.modules()) == blocks
+        assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    with pytest.raises(DPDMError, match="6n \\+ 4"):
+        classifiers.WRN(32, 3, 10, depth=20)
+
+
 def test_build_errors():
     with pytest.raises(DPDMError, match="unknown classifier"):
         classifiers.build_classifier("resnet", 28, 1, 10)

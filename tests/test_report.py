@@ -98,10 +98,11 @@ def test_privacy_table_composes_every_release_of_a_dataset(results, tmp_path):
     table = pd.read_csv(tmp_path / "out" / "tables" / "privacy.csv")
     single = table[table["kind"] != "total"]
     total = table[table["kind"] == "total"].iloc[0]
-    assert len(single) == 4  # the generator and three DP-SGD classifiers
-    history = [[0.8, 0.01, 500]] + [[1.0, 0.02, 300]] * 3
+    n = len(CLASSIFIERS)
+    assert len(single) == 1 + n  # the generator and a DP-SGD classifier of each kind
+    history = [[0.8, 0.01, 500]] + [[1.0, 0.02, 300]] * n
     assert total["eps_rdp"] == pytest.approx(privacy.epsilon_from_history(history, 1e-5, "rdp"))
     assert single["eps_rdp"].max() < total["eps_rdp"] < single["eps_rdp"].sum()
-    assert total["steps"] == 500 + 3 * 300
+    assert total["steps"] == 500 + n * 300
     generator = single[single["kind"] == "generator"].iloc[0]
     assert "sampler A: tuned on train-split FID" in generator["choices"]
