@@ -19,6 +19,8 @@ The registry (`DATASETS`):
 
     mnist, fashion_mnist   28x28x1, 10 classes, the official idx .gz files (parsed here)
     cifar10                32x32x3, 10 classes, cifar-10-python.tar.gz
+    imagenet32             32x32x3, 1000 classes, the official npz batches (public pre-training)
+    camelyon17             32x32x3, 2 classes, WILDS v1.0 patches resized from 96x96, hospital splits
     celeba32               32x32x3, unconditional; img_align_celeba.zip + list_eval_partition.txt;
                            train = partition 0, test = partition 2 (validation unused);
                            centre crop 178x178 then PIL Lanczos resize to 32x32
@@ -42,6 +44,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -70,7 +73,23 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SIZES = (8, 16, 28)  # 8: the native images, no resize
 DIGITS_RESIZE = "bicubic"
+# digits_public / digits_private: disjoint halves of digits' train split (stratified,
+# their own seed) for the fine-tuning miniature (pretrain on one, DP fine-tune on the
+# other); both keep digits' test split.
+DIGITS_HALVES = {"digits_public": 0, "digits_private": 1}
+DIGITS_HALVES_SEED = 1
 
+
+IMAGENET32_HELP = (
+    "Downsampled ImageNet needs a (free) ImageNet account: log in at https://image-net.org/download-images.php, "
+    "download 'Train(32x32)' and 'Val(32x32)' of 'Downsampled ImageNet' in npz format (Imagenet32_train_npz.zip, "
+    "Imagenet32_val_npz.zip) and unzip both into the raw folder, giving Imagenet32_train_npz/"
+    "train_data_batch_1.npz ... train_data_batch_10.npz and Imagenet32_val_npz/val_data.npz.")
+CAMELYON17_HELP = (
+    "Camelyon17-WILDS v1.0 (about 10 GB): `pip install wilds` and prepare online (it downloads with "
+    "wilds.get_dataset('camelyon17', root_dir=<raw folder>, download=True)), or download "
+    "camelyon17_v1.0/archive.tar.gz from https://wilds.stanford.edu/datasets/ by hand and extract it into the "
+    "raw folder, giving camelyon17_v1.0/metadata.csv and camelyon17_v1.0/patches/.")
 
 # ----------------------------------------------------------------------------
 # The registry.
@@ -212,6 +231,34 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         expected_counts={"train": 162770, "test": 19962},
     ),
+    "imagenet32": DatasetSpec(
+        name="imagenet32",
+        resolution=32,
+        channels=3,
+        num_classes=1000,
+        raw_files=(),  # user-supplied folders, checked by structure (no published checksums)
+        description="Downsampled ImageNet 32x32 (Chrabaszcz, Loshchilov & Hutter 2017), the official npz "
+        "release: train = Imagenet32_train_npz/train_data_batch_1..10.npz (1,281,167 images), test = "
+        "Imagenet32_val_npz/val_data.npz (50,000); labels 1..1000 shifted to 0..999. PUBLIC data for "
+        "pre-training (Ghalebikesabi et al. 2023); ImageNet terms of access apply.",
+        homepage="https://image-net.org/download-images.php",
+        manual_download=IMAGENET32_HELP,
+        expected_counts={"train": 1281167, "test": 50000},
+    ),
+    "camelyon17": DatasetSpec(
+        name="camelyon17",
+        resolution=32,
+        channels=3,
+        num_classes=2,
+        raw_files=(),  # the WILDS folder, checked by structure
+        description="Camelyon17-WILDS v1.0 (Koh et al. 2021; Bandi et al. 2018): 96x96 patches of lymph-node "
+        "sections, label = tumour in the central 32x32 region; resized to 32x32 (PIL Lanczos). WILDS' "
+        "official split: train = split 'train' (hospitals 0, 3, 4), test = split 'test' (hospital 2); "
+        "the validation splits are unused.",
+        homepage="https://wilds.stanford.edu/datasets/#camelyon17",
+        manual_download=CAMELYON17_HELP,
+        expected_counts={"train": 302436, "test": 85054},
+    ),
     "digits": DatasetSpec(
         name="digits",
         resolution=28,
@@ -225,6 +272,18 @@ DATASETS: dict[str, DatasetSpec] = {
         homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
     ),
 }
+for _half, _which in DIGITS_HALVES.items():
+    DATASETS[_half] = dataclasses.replace(
+        DATASETS["digits"], name=_half,
+        description=f"the {'first' if _which == 0 else 'second'} of two disjoint stratified halves of digits' "
+        f"train split (seed {DIGITS_HALVES_SEED}; the other half is "
+        f"{'digits_private' if _which == 0 else 'digits_public'}), and digits' test split: the "
+        f"{'public' if _which == 0 else 'private'} set of the fine-tuning miniature. " + DATASETS["digits"].description)
+
+
+def is_digits(dataset: str) -> bool:
+    """digits or one of its halves (prepared from scikit-learn, sized by data.digits_size)."""
+    return dataset == "digits" or dataset in DIGITS_HALVES
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -476,6 +535,104 @@ def _load_cifar10(spec: DatasetSpec, files: dict[str, dict[str, Any]]) -> tuple[
                                  "test = test_batch"}
 
 
+IMAGENET32_FILES = {"train": [f"Imagenet32_train_npz/train_data_batch_{i}.npz" for i in range(1, 11)],
+                   "test": ["Imagenet32_val_npz/val_data.npz"]}
+
+
+def _missing_folder_files(dataset: str, folder: Path, names: list[str]) -> DPDMError:
+    spec = dataset_spec(dataset)
+    return DPDMError(f"{dataset}: missing raw file(s) in {folder}: {', '.join(names[:4])}"
+                     f"{' ...' if len(names) > 4 else ''}. {spec.manual_download} (Set paths.raw or $DPDM_RAW_DIR "
+                     f"to the folder that holds {dataset}/raw/.)")
+
+
+def _load_imagenet32(spec: DatasetSpec, folder: Path, download: bool) -> tuple[dict, dict]:
+    """The official npz batches: 'data' uint8 N x 3072 (R, G, B planes of 32x32), 'labels' 1..1000."""
+    missing = [n for names in IMAGENET32_FILES.values() for n in names if not (folder / n).is_file()]
+    if missing:
+        raise _missing_folder_files("imagenet32", folder, missing)
+    splits = {}
+    for split, names in IMAGENET32_FILES.items():
+        images, labels = [], []
+        for name in names:
+            path = folder / name
+            try:
+                with np.load(path) as z:
+                    x, y = np.asarray(z["data"]), np.asarray(z["labels"]).reshape(-1)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                raise DPDMError(f"{path} is not an official Imagenet32 npz batch (arrays 'data', 'labels'; {e}); "
+                                f"download it again. {IMAGENET32_HELP}") from None
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(y) != len(x):
+                raise DPDMError(f"{path}: 'data' is {x.dtype} {x.shape} with {len(y)} labels, expected uint8 "
+                                "N x 3072 and N labels: not the 32x32 release (Imagenet64 is N x 12288?)")
+            if len(y) and (y.min() < 1 or y.max() > 1000):
+                raise DPDMError(f"{path}: labels span {y.min()}..{y.max()}, the official ones 1..1000")
+            images.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(y.astype(np.int64) - 1)
+        splits[split] = (np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
+    pre = {"source": {s: n for s, n in IMAGENET32_FILES.items()},
+           "transform": "none: the official 32x32 pixels (channel planes -> H x W x C); labels - 1 -> 0..999",
+           "bytes": {n: (folder / n).stat().st_size for names in IMAGENET32_FILES.values() for n in names}}
+    return splits, pre
+
+
+CAMELYON17_ROOT = "camelyon17_v1.0"
+CAMELYON17_SPLITS = {"train": 0, "test": 2}  # metadata.csv 'split': 0 train, 1 val (OOD), 2 test (OOD)
+
+
+def _load_camelyon17(spec: DatasetSpec, folder: Path, download: bool) -> tuple[dict, dict]:
+    """WILDS' folder: metadata.csv (patient, node, x_coord, y_coord, tumor, center, split)
+    and patches/patient_PPP_node_N/patch_patient_PPP_node_N_x_X_y_Y.png (96x96)."""
+    import csv as _csv
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    root = folder / CAMELYON17_ROOT
+    if not (root / "metadata.csv").is_file() and download:
+        try:
+            import wilds
+        except ImportError:
+            raise _missing_folder_files("camelyon17", folder, [f"{CAMELYON17_ROOT}/metadata.csv"]) from None
+        log.info("downloading Camelyon17-WILDS into %s with wilds %s", folder, wilds.__version__)
+        try:
+            wilds.get_dataset(dataset="camelyon17", root_dir=str(folder), download=True)
+        except Exception as e:
+            raise DPDMError(f"camelyon17: the WILDS download failed ({type(e).__name__}: {e}). "
+                            f"{CAMELYON17_HELP}") from None
+    if not (root / "metadata.csv").is_file():
+        raise _missing_folder_files("camelyon17", folder, [f"{CAMELYON17_ROOT}/metadata.csv"])
+    with open(root / "metadata.csv", newline="") as f:
+        rows = list(_csv.DictReader(f))
+    need = {"patient", "node", "x_coord", "y_coord", "tumor", "center", "split"}
+    if not rows or not need <= set(rows[0]):
+        raise DPDMError(f"{root / 'metadata.csv'} lacks the WILDS columns {sorted(need)}; it is not Camelyon17-WILDS "
+                        f"v1.0. {CAMELYON17_HELP}")
+    splits, centers = {}, {}
+    for split, code in CAMELYON17_SPLITS.items():
+        chosen = [r for r in rows if int(r["split"]) == code]
+        out = np.empty((len(chosen), spec.resolution, spec.resolution, 3), dtype=np.uint8)
+        for i, r in enumerate(tqdm(chosen, desc=f"camelyon17 {split}", unit="img", mininterval=2.0)):
+            p, n = int(r["patient"]), int(r["node"])
+            path = (root / "patches" / f"patient_{p:03d}_node_{n}" /
+                    f"patch_patient_{p:03d}_node_{n}_x_{int(r['x_coord'])}_y_{int(r['y_coord'])}.png")
+            try:
+                with Image.open(path) as img:
+                    out[i] = np.asarray(img.convert("RGB").resize((spec.resolution, spec.resolution),
+                                                                  Image.Resampling.LANCZOS), dtype=np.uint8)
+            except OSError as e:
+                raise DPDMError(f"camelyon17: patch {path} listed in metadata.csv cannot be read ({e}); the "
+                                f"extraction is incomplete. {CAMELYON17_HELP}") from None
+        splits[split] = (out, np.array([int(r["tumor"]) for r in chosen], dtype=np.int64))
+        centers[split] = sorted({int(r["center"]) for r in chosen})
+    pre = {"source": f"{CAMELYON17_ROOT}/metadata.csv + patches/ (WILDS v1.0)",
+           "split": {s: f"metadata split == {c} (WILDS '{s}'), hospitals {centers[s]}"
+                     for s, c in CAMELYON17_SPLITS.items()},
+           "resize": f"PIL Image.Resampling.LANCZOS 96x96 -> {spec.resolution}x{spec.resolution}",
+           "labels": "tumor (0 / 1): tumour tissue in the patch's central 32x32 region"}
+    return splits, pre
+
+
 def read_celeba_partition(path: str | os.PathLike) -> dict[str, int]:
     """list_eval_partition.txt -> {image file name: partition (0 train, 1 valid, 2 test)}, in file order."""
     path = Path(path)
@@ -559,6 +716,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
 
 
 def _load_digits(spec: DatasetSpec, size: int) -> tuple[dict, dict]:
+    """digits (or a half of its train split, spec.name in DIGITS_HALVES) at size x size."""
     import sklearn
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -573,6 +731,10 @@ def _load_digits(spec: DatasetSpec, size: int) -> tuple[dict, dict]:
         for im in small
     ])[..., None]
     train_idx, test_idx = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
+    halves = None
+    if spec.name in DIGITS_HALVES:
+        halves = stratified_split(labels[train_idx], 0.5, DIGITS_HALVES_SEED)  # (first, second) half
+        train_idx = train_idx[halves[DIGITS_HALVES[spec.name]]]
     splits = {"train": (images[train_idx], labels[train_idx]), "test": (images[test_idx], labels[test_idx])}
     pre = {
         "source": f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__}), 1797 images 8x8, values 0..16",
@@ -585,6 +747,9 @@ def _load_digits(spec: DatasetSpec, size: int) -> tuple[dict, dict]:
         "split_seed": DIGITS_SPLIT_SEED,
         "test_fraction": DIGITS_TEST_FRACTION,
     }
+    if halves is not None:
+        pre["half"] = (f"{'first' if DIGITS_HALVES[spec.name] == 0 else 'second'} of two disjoint halves of the "
+                       f"train split: the same stratified split with fraction 0.5, seed {DIGITS_HALVES_SEED}")
     return splits, pre
 
 
@@ -699,6 +864,10 @@ _LOADERS: dict[str, Callable[[DatasetSpec, dict], tuple[dict, dict]]] = {
     "cifar10": _load_cifar10,
     "celeba32": _load_celeba32,
 }
+_FOLDER_LOADERS: dict[str, Callable[[DatasetSpec, Path, bool], tuple[dict, dict]]] = {
+    "imagenet32": _load_imagenet32,
+    "camelyon17": _load_camelyon17,
+}
 
 
 def prepare(
@@ -712,12 +881,15 @@ def prepare(
     spec = dataset_spec(dataset)
     out_dir = Path(out_dir)
     check_writable(out_dir, "data folder")
-    if dataset == "digits":
+    raw_info: dict[str, dict[str, Any]] = {}
+    if is_digits(dataset):
         if digits_size not in DIGITS_SIZES:
             raise DPDMError(f"digits_size must be one of {list(DIGITS_SIZES)}, got {digits_size}")
-        raw_info: dict[str, dict[str, Any]] = {}
         splits, preprocessing = _load_digits(spec, digits_size)
         resolution = digits_size
+    elif dataset in _FOLDER_LOADERS:  # user-supplied folders without published checksums, checked by structure
+        splits, preprocessing = _FOLDER_LOADERS[dataset](spec, raw_folder(dataset, raw_dir), download)
+        resolution = spec.resolution
     else:
         raw_info = ensure_raw_files(dataset, raw_dir, download)
         log.info("parsing %s raw files", dataset)

@@ -46,7 +46,10 @@ def _offline(monkeypatch):
 
 
 def test_registry_names_and_shapes():
-    assert set(data.DATASETS) == {"mnist", "fashion_mnist", "celeba32", "cifar10", "digits"}
+    assert set(data.DATASETS) == {"mnist", "fashion_mnist", "celeba32", "cifar10", "digits", "digits_public",
+                                  "digits_private", "imagenet32", "camelyon17"}
+    for name in ("imagenet32", "camelyon17"):  # no published checksums: structure checks, and how to get them
+        assert data.dataset_spec(name).manual_download
     for name, spec in data.DATASETS.items():
         assert spec.name == name and spec.description
         for raw in spec.raw_files:
@@ -452,3 +455,85 @@ def test_outputs_respect_the_umask_and_private_files_stay_private(tmp_path):
     assert mode("fid_acc.json") == 0o644
     assert mode("private/run.json") == 0o600
     assert mode("strict.json") == 0o600
+
+
+# ----------------------------------------------------------------------------
+# Issue 17: the public pre-training set (imagenet32) and Camelyon17, from their official
+# folder layouts (tiny stand-ins written here; the real files need an account / 10 GB).
+
+
+def _imagenet32_batches(raw: Path, per_file: int = 3) -> None:
+    rng = np.random.default_rng(0)
+    for split, names in data.IMAGENET32_FILES.items():
+        for name in names:
+            (raw / name).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(raw / name, data=rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+                     labels=rng.integers(1, 1001, per_file))
+
+
+def test_imagenet32_reads_the_official_npz_batches(tmp_path):
+    raw = data.raw_folder("imagenet32", tmp_path / "rawroot")
+    _imagenet32_batches(raw)
+    meta = data.prepare("imagenet32", tmp_path / "out", raw_dir=tmp_path / "rawroot", download=False)
+    assert meta["counts"] == {"train": 30, "test": 3} and meta["num_classes"] == 1000
+    x, y = data.load_split(tmp_path / "out", "train")
+    with np.load(raw / data.IMAGENET32_FILES["train"][0]) as z:
+        first, labels = z["data"][0], z["labels"]
+    # channel planes (R, G, B of 32x32) -> H x W x C; labels 1..1000 -> 0..999
+    assert np.array_equal(x[0][..., 0].reshape(-1), first[:1024])
+    assert np.array_equal(x[0][..., 2].reshape(-1), first[2048:])
+    assert np.array_equal(y[:3], labels - 1)
+
+
+def test_imagenet32_errors_name_the_files_and_where_to_get_them(tmp_path):
+    with pytest.raises(DPDMError, match=r"imagenet32: missing raw file\(s\).*train_data_batch_1.npz.*image-net.org"):
+        data.prepare("imagenet32", tmp_path / "out", raw_dir=tmp_path / "none", download=False)
+    raw = data.raw_folder("imagenet32", tmp_path / "rawroot")
+    _imagenet32_batches(raw)
+    np.savez(raw / data.IMAGENET32_FILES["train"][3], data=np.zeros((2, 12288), np.uint8), labels=np.ones(2))
+    with pytest.raises(DPDMError, match="train_data_batch_4.npz: 'data' is uint8 \\(2, 12288\\)"):
+        data.prepare("imagenet32", tmp_path / "out", raw_dir=tmp_path / "rawroot", download=False)
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def _camelyon17_folder(raw: Path) -> list[dict]:
+    from PIL import Image
+
+    root = raw / data.CAMELYON17_ROOT
+    rows = [{"patient": p, "node": n, "x_coord": x, "y_coord": 7, "tumor": t, "center": c, "split": s}
+            for (p, n, x, t, c, s) in [(4, 1, 10, 0, 0, 0), (4, 1, 11, 1, 0, 0), (15, 2, 3, 1, 3, 0),
+                                       (30, 0, 5, 0, 1, 1), (99, 4, 8, 1, 2, 2), (99, 4, 9, 0, 2, 2)]]
+    for i, r in enumerate(rows):
+        folder = root / "patches" / f"patient_{r['patient']:03d}_node_{r['node']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = np.full((96, 96, 3), 20 * i, np.uint8)
+        Image.fromarray(img).save(folder / f"patch_patient_{r['patient']:03d}_node_{r['node']}_x_{r['x_coord']}"
+                                           f"_y_{r['y_coord']}.png")
+    with open(root / "metadata.csv", "w") as f:
+        f.write("," + ",".join(rows[0]) + "\n")
+        for i, r in enumerate(rows):
+            f.write(f"{i}," + ",".join(str(v) for v in r.values()) + "\n")
+    return rows
+
+
+def test_camelyon17_reads_the_wilds_folder_with_its_hospital_splits(tmp_path):
+    raw = data.raw_folder("camelyon17", tmp_path / "rawroot")
+    _camelyon17_folder(raw)
+    meta = data.prepare("camelyon17", tmp_path / "out", raw_dir=tmp_path / "rawroot", download=False)
+    assert meta["counts"] == {"train": 3, "test": 2}  # split 1 (OOD validation, hospital 1) unused
+    assert "hospitals [0, 3]" in meta["preprocessing"]["split"]["train"]
+    assert "hospitals [2]" in meta["preprocessing"]["split"]["test"]
+    x, y = data.load_split(tmp_path / "out", "test")
+    assert x.shape == (2, 32, 32, 3) and y.tolist() == [1, 0] and int(x[0].mean()) == 80
+
+
+def test_camelyon17_errors_name_the_files_and_the_fix(tmp_path):
+    with pytest.raises(DPDMError, match=r"camelyon17: missing raw file\(s\).*metadata.csv.*wilds"):
+        data.prepare("camelyon17", tmp_path / "out", raw_dir=tmp_path / "none", download=False)
+    raw = data.raw_folder("camelyon17", tmp_path / "rawroot")
+    rows = _camelyon17_folder(raw)
+    r = rows[0]
+    (raw / data.CAMELYON17_ROOT / "patches" / f"patient_{r['patient']:03d}_node_{r['node']}" /
+     "patch_patient_004_node_1_x_10_y_7.png").unlink()
+    with pytest.raises(DPDMError, match="patch_patient_004_node_1_x_10_y_7.png listed in metadata.csv"):
+        data.prepare("camelyon17", tmp_path / "out", raw_dir=tmp_path / "rawroot", download=False)
