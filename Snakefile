@@ -32,9 +32,11 @@ wildcard_constraints:
     sampler=r"[A-Za-z0-9-]+",
     classifier="|".join(CLASSIFIERS),
     split="train|test",
+    name=r"[A-Za-z0-9_-]+",
 
 
 include: "rules/data.smk"
+include: "rules/pretrain.smk"
 include: "rules/train.smk"
 include: "rules/sample.smk"
 include: "rules/evaluate.smk"

@@ -54,6 +54,7 @@ def _read_json_arg(text: str, option: str = "--settings") -> dict:
 # exactly these; see rules/common.smk STAGE_SECTIONS).
 NEEDED_SECTIONS = {
     "train": ("cell", "data", "model", "diffusion", "train", "privacy"),
+    "pretrain": ("pretrain", "data", "model", "diffusion"),
     "sample": ("cell", "sample", "samplers"),
     "classify": ("cell", "classify"),
     "judge": ("cell",),
@@ -169,7 +170,22 @@ def cmd_train(args):
     with privacy.process_group_from_env(settings.get("device", "auto")):  # under torchrun: one rank of several
         train.train(settings, data_dir=Path(args.data), out_dir=Path(args.out),
                     checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
-                    stop_with_parent=args.stop_with_parent)
+                    stop_with_parent=args.stop_with_parent, init_path=args.init)
+
+
+def cmd_pretrain(args):
+    from dpdm import config as cfg
+    from dpdm import pretrain
+
+    if args.settings:
+        settings = _settings(args)
+    elif args.name:
+        settings = cfg.pretrain_settings(cfg.load_config(args.config, args.overrides), args.name)
+    else:
+        raise DPDMError("give --settings, or --name (with --config files) to resolve the public model")
+    if args.log_file:
+        _append_log(Path(args.log_file))
+    pretrain.pretrain(settings, data_dir=Path(args.data), out_dir=Path(args.out), stop_with_parent=args.stop_with_parent)
 
 
 def cmd_sample(args):
@@ -350,12 +366,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                       "logs/train_attempts.log)")
     p.add_argument("--stop-with-parent", action="store_true",
                    help="checkpoint and exit when the parent process dies (the workflow's jobs: no orphans)")
+    p.add_argument("--init", help="the public model to fine-tune (the cell's train.init.pretrained: "
+                                  "results/pretrain/NAME/model.pt)")
     p.add_argument("--procs-per-node", type=positive_int, default=1, metavar="P",
                    help="processes per node (one per GPU): more than one in all runs this command under torchrun "
                         "(dpdm/launch.py; the workflow passes resources.train's count)")
     p.add_argument("--nodes", type=positive_int, default=1, metavar="N",
                    help="nodes (inside a SLURM allocation: srun + torchrun's c10d rendezvous)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="train a public model without privacy (for DP fine-tuning)")
+    g = p.add_argument_group("settings (either --settings, or --config with --name)")
+    g.add_argument("--settings", help="resolved settings of the public model: a JSON string or a .json file")
+    g.add_argument("--config", action="append", default=[], help="config YAML (repeatable; later files win)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    g.add_argument("--name", help="a name of the config's pretrain section")
+    p.add_argument("--data", required=True, help="the PUBLIC dataset's prepared folder")
+    p.add_argument("--out", required=True, help="results/pretrain/NAME: model.pt, pretrain.json, train_metrics.csv")
+    p.add_argument("--log-file", help="also append the log here, one numbered header per attempt")
+    p.add_argument("--stop-with-parent", action="store_true",
+                   help="checkpoint and exit when the parent process dies (the workflow's jobs)")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sample", help="generate samples from a trained model")
     _add_settings_args(p)

@@ -242,6 +242,7 @@ def validate(config: dict) -> None:
         if name not in known:
             raise DPDMError(f"config key 'datasets.{name}': unknown dataset; choose one of {sorted(known)}")
     _check_cells(config)
+    _check_pretrained_names(config)
 
 
 def _check_cells(config: dict) -> None:
@@ -307,6 +308,46 @@ def resolve_cell(config: dict, dataset: str, eps: float, seed: int, variant: dic
     settings["fid"] = copy.deepcopy(config["fid"])
     settings["paths"] = copy.deepcopy(config["paths"])
     return settings
+
+
+# A pretrain entry's keys left out of the config (dpdm/pretrain.py).
+PRETRAIN_DEFAULTS = {"max_steps": None, "batch_size": 128, "lr": 3.0e-4, "ema_decay": 0.999, "ema_rampup": 0.05,
+                     "noise_multiplicity": 1, "label_dropout": 0.1, "conditional": True, "seed": 0,
+                     "checkpoint_every": 500, "log_every": 50}
+
+
+def pretrain_settings(config: dict, name: str) -> dict:
+    """The settings of public model `name` (config pretrain.<name>): its training keys
+    over PRETRAIN_DEFAULTS, and the model / diffusion / data of `defaults` overridden by
+    its own `settings`."""
+    entries = config.get("pretrain") or {}
+    if name not in entries:
+        raise DPDMError(f"no public model named {name!r}: config pretrain has {sorted(entries) or 'none'}; add "
+                        f"pretrain.{name} or fix train.init.pretrained")
+    entry = entries[name]
+    base = deep_merge(config["defaults"], entry.get("settings") or {})
+    pt = deep_merge(PRETRAIN_DEFAULTS, {k: v for k, v in entry.items() if k != "settings"})
+    pt["name"] = name
+    return {"pretrain": pt, "model": base["model"], "diffusion": base["diffusion"], "data": base["data"],
+            "device": config.get("device", "auto")}
+
+
+def _check_pretrained_names(config: dict) -> None:
+    """Every train.init.pretrained of the config names an entry of `pretrain`."""
+    names = set(config.get("pretrain") or {})
+
+    def walk(tree, path):
+        if isinstance(tree, dict):
+            init = (tree.get("train") or {}).get("init") if isinstance(tree.get("train"), dict) else None
+            name = (init or {}).get("pretrained")
+            if name is not None and name not in names:
+                raise DPDMError(f"config key '{path + '.' if path else ''}train.init.pretrained': no public model "
+                                f"named {name!r} (config pretrain has {sorted(names) or 'none'}); add "
+                                f"pretrain.{name} or fix the name")
+            for k, v in tree.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+
+    walk({k: config.get(k) for k in ("defaults", "datasets", "ablations")}, "")
 
 
 def iter_cells(config: dict) -> list[tuple[str, float, int]]:

@@ -297,17 +297,19 @@ def example_loss(precond: Precond, y: torch.Tensor, label: torch.Tensor | None, 
 
         (1/K) sum_k mean_pixels lambda(sigma_k) (D(y + sigma_k n_k; sigma_k, label) - y)^2
 
-    y: [C, H, W]; label: long [] (already dropped) or None; sigma: [K]; noise: [K, C, H, W].
-    The K noisy copies go through the network as one batch of K rows. Pure function of
-    its inputs: safe under torch.func.vmap / grad (the mean, not the sum, fixes the
-    scale the clipping bound C refers to).
+    y: [C, H, W], or [K, C, H, W] with augmentation multiplicity (draw k's own augmented
+    copy of the image, dpdm.augment); label: long [] (already dropped) or None; sigma: [K];
+    noise: [K, C, H, W]. The K noisy copies go through the network as one batch of K rows.
+    Pure function of its inputs: safe under torch.func.vmap / grad (the mean, not the
+    sum, fixes the scale the clipping bound C refers to).
     """
     k = sigma.shape[0]
     s = sigma.reshape(k, 1, 1, 1)
-    x = y.unsqueeze(0) + s * noise
+    y = y if y.dim() == 4 else y.unsqueeze(0)
+    x = y + s * noise
     labels = None if label is None else label.expand(k)
     d = precond(x, sigma, labels)
-    return (precond.loss_weight(s) * (d - y.unsqueeze(0)) ** 2).mean()
+    return (precond.loss_weight(s) * (d - y) ** 2).mean()
 
 
 def batch_loss(precond: Precond, y: torch.Tensor, labels: torch.Tensor | None, draw: NoiseDraw) -> torch.Tensor:
@@ -316,11 +318,12 @@ def batch_loss(precond: Precond, y: torch.Tensor, labels: torch.Tensor | None, d
     None); draw.drop is applied here (applying it twice changes nothing)."""
     b, k = draw.sigma.shape
     s = draw.sigma.reshape(b, k, 1, 1, 1)
-    x = y.unsqueeze(1) + s * draw.noise
+    y = y if y.dim() == 5 else y.unsqueeze(1)  # [B, K, C, H, W]: augmented copies, or one image
+    x = y + s * draw.noise
     if labels is not None:
         labels = apply_label_dropout(labels, draw.drop, precond.num_classes).repeat_interleave(k)
     d = precond(x.flatten(0, 1), draw.sigma.reshape(-1), labels).reshape(x.shape)
-    loss = precond.loss_weight(s) * (d - y.unsqueeze(1)) ** 2
+    loss = precond.loss_weight(s) * (d - y) ** 2
     return loss.reshape(b, -1).mean(dim=1)
 
 
@@ -341,9 +344,11 @@ def _cpu_state(module: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def save_model(path, precond: Precond, ema_precond: Precond, settings: dict, spec_dict: dict, step: int) -> None:
+def save_model(path, precond: Precond, ema_precond: Precond, settings: dict, spec_dict: dict, step: int,
+               extra: dict | None = None) -> None:
     """Write model.pt atomically: {"format": "dpdm-model-v1", "settings", "spec":
-    {"resolution", "channels", "num_classes"}, "ema", "model", "step"}."""
+    {"resolution", "channels", "num_classes"}, "ema", "model", "step"} and `extra`
+    (e.g. dpdm.pretrain's "pretrain" record; readers ignore keys they do not know)."""
     spec = {key: int(spec_dict[key]) for key in ("resolution", "channels", "num_classes")}
     save_torch(path, {
         "format": MODEL_FORMAT,
@@ -352,6 +357,7 @@ def save_model(path, precond: Precond, ema_precond: Precond, settings: dict, spe
         "ema": _cpu_state(ema_precond),
         "model": _cpu_state(precond),
         "step": int(step),
+        **(extra or {}),
     })
 
 

@@ -57,10 +57,10 @@ def _sync(device) -> None:
 
 
 def _cell_shape(dataset: str, settings: dict) -> tuple[int, int, int]:
-    from dpdm.data import DATASETS
+    from dpdm.data import DATASETS, is_digits
 
     spec = DATASETS[dataset]
-    res = settings["data"]["digits_size"] if dataset == "digits" else spec.resolution
+    res = settings["data"]["digits_size"] if is_digits(dataset) else spec.resolution
     return int(res), int(spec.channels), int(spec.num_classes)
 
 

@@ -280,26 +280,36 @@ def _check_data_matches(settings: dict, meta: dict, data_dir: Path) -> None:
     if cell_ds and meta.get("dataset") != cell_ds:
         raise DPDMError(f"{data_dir} holds the prepared {meta.get('dataset')!r} data, but this cell trains on "
                         f"{cell_ds!r}: pass --data for {cell_ds}")
+    from dpdm import data
+
     size = (settings.get("data") or {}).get("digits_size")
-    if meta.get("dataset") == "digits" and size is not None and int(size) != int(meta["resolution"]):
+    if data.is_digits(str(meta.get("dataset"))) and size is not None and int(size) != int(meta["resolution"]):
         raise DPDMError(f"the settings ask for data.digits_size {size} but {data_dir} holds {meta['resolution']}x"
                         f"{meta['resolution']} digits: prepare them again with --digits-size {size} (or set "
                         f"data.digits_size: {meta['resolution']})")
 
 
-def private_batch(dp, precond, images, labels, indices, k: int, label_dropout: float) -> tuple:
+def private_batch(dp, precond, images, labels, indices, k: int, label_dropout: float,
+                  augment: dict | None = None) -> tuple:
     """The DP step's per-example inputs (y, label, sigma [B, K], noise [B, K, C, H, W]) for
-    the Poisson batch `indices`: images in [-1, 1], and the loss's randomness drawn per
-    example from the mechanism's secret per-example generators (DPSGD.example_generators),
-    so each example's draws depend only on the secret key, the step and its index."""
+    the Poisson batch `indices`: images in [-1, 1] (with augmentation multiplicity, y is
+    each draw's augmented copy [B, K, C, H, W]: dpdm.augment), and the loss's randomness
+    drawn per example from the mechanism's secret per-example generators
+    (DPSGD.example_generators), so each example's draws depend only on the secret key,
+    the step and its index."""
+    from dpdm import augment as aug
     from dpdm import diffusion
 
     num_classes = precond.num_classes
-    draw = diffusion.draw_example_noise(precond, dp.example_generators(indices, images.device), k,
-                                        tuple(images.shape[1:]), num_classes, label_dropout, device=images.device)
+    generators = dp.example_generators(indices, images.device)
+    draw = diffusion.draw_example_noise(precond, generators, k, tuple(images.shape[1:]), num_classes, label_dropout,
+                                        device=images.device)
     lab = None if labels is None else diffusion.apply_label_dropout(labels.to(images.device), draw.drop,
                                                                     num_classes)
-    return images, lab, draw.sigma, draw.noise
+    # each example's K augmentations: from its generator, after its noise (dpdm.augment)
+    y = images if augment is None else aug.apply(images, aug.draw_batch(generators, k, augment, images.device),
+                                                 augment["translate"])
+    return y, lab, draw.sigma, draw.noise
 
 
 def plan(settings: dict, num_examples: int) -> dict:
@@ -325,7 +335,7 @@ def plan(settings: dict, num_examples: int) -> dict:
 
 
 def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: int | None = None,
-          stop_with_parent: bool = False) -> dict:
+          stop_with_parent: bool = False, init_path=None) -> dict:
     """Train one cell; write model.pt, privacy.json, private/train_metrics.csv. Returns a summary.
 
     dp_seed: seed of the Poisson sampling and DP noise (default: $DPDM_DP_SEED if set,
@@ -334,20 +344,22 @@ def train(settings: dict, data_dir, out_dir, checkpoint_dir=None, *, dp_seed: in
     Raises SystemExit(EXIT_CHECKPOINTED) after checkpointing when SIGTERM/SIGUSR1/SIGINT
     arrives, or (stop_with_parent: the workflow's jobs) when the parent process dies, so
     a killed Snakemake leaves no orphan training that a rerun would duplicate; off by
-    default, so `nohup python -m dpdm train ... &` outlives its shell. Before any compute, rank 0 checks that the cell
+    default, so `nohup python -m dpdm train ... &` outlives its shell. init_path: the public
+    model of train.init.pretrained (dpdm.finetune). Before any compute, rank 0 checks that the cell
     and checkpoint folders are writable and takes the cell's lock (one training per cell).
     """
     from dpdm import privacy
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
+    init_path = Path(init_path) if init_path else None
     rank, world, distributed = privacy.rank_world()
     if rank != 0:
-        return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed, stop_with_parent)
+        return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed, stop_with_parent, init_path)
     check_writable(out_dir, "cell folder")
     with exclusive_lock(out_dir, "cell"):  # one training per cell at a time
         check_writable(checkpoint_dir, "checkpoint folder")
-        return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed, stop_with_parent)
+        return _train(settings, data_dir, out_dir, checkpoint_dir, dp_seed, stop_with_parent, init_path)
 
 
 @dataclasses.dataclass
@@ -398,7 +410,7 @@ def _stop_reason(stop: StopFlag, distributed: bool, device) -> str | None:
 
 # Longer than most functions here on purpose: the whole loop reads top to bottom in one place.
 def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, dp_seed: int | None,
-           stop_with_parent: bool = False) -> dict:
+           stop_with_parent: bool = False, init_path: Path | None = None) -> dict:
     """The loop of DPDM's Algorithm 1: sample a Poisson batch, take a DP-SGD step on its
     K-noised copies, update the EMA; checkpoint every train.checkpoint_every steps or on
     a stop request; write the outputs at the end."""
@@ -406,6 +418,7 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
     import torch.distributed as dist
     from tqdm import tqdm
 
+    from dpdm import augment as aug
     from dpdm import data, diffusion, privacy
 
     started = time.time()
@@ -423,10 +436,12 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
                  "the noise and writes the outputs", world, world, device)
     q, planned, sigma, delta = p["sample_rate"], p["planned_steps"], p["noise_multiplier"], p["delta"]
     k, label_dropout, log_every = int(tr["noise_multiplicity"]), float(tr["label_dropout"]), int(tr["log_every"])
+    augment = aug.check(tr.get("augment"), d["resolution"])  # augmentation multiplicity (None: off)
 
     seed_everything(int(settings["cell"]["seed"]))  # the initial weights: public, from the cell seed
     precond = diffusion.build_precond(settings, d["resolution"], d["channels"], d["num_classes"]).to(device)
-    optimizer = torch.optim.Adam(precond.parameters(), lr=float(tr["lr"]))
+    public_init, trained = _initialise(precond, settings, init_path, d)  # fine-tuning: public weights, a subset
+    optimizer = torch.optim.Adam([t for t in precond.parameters() if t.requires_grad], lr=float(tr["lr"]))
     dp = privacy.DPSGD(diffusion.example_loss, noise_multiplier=sigma, max_grad_norm=float(pr["clip"]),
                        num_examples=n, sample_rate=q, optimizer=optimizer,
                        physical_batch_size=tr["physical_batch_size"], grad_chunk_size=tr["grad_chunk_size"],
@@ -434,7 +449,7 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
     state = TrainState(precond, copy.deepcopy(precond).requires_grad_(False).eval(), optimizer, dp)
     guard = {"settings_hash": training_settings_hash(settings), "training_settings": training_settings(settings),
              "dataset_sha256": d["sha256"], "device_type": device.type, "planned_steps": planned,
-             "noise_multiplier": sigma}
+             "noise_multiplier": sigma, "init_sha256": public_init and public_init["model_sha256"]}
     _log_plan(settings, p, n, k, precond, device, dp.secret_randomness)
     if ckpt_path.exists():
         state.restore(_load_checkpoint(ckpt_path, settings, guard))
@@ -461,7 +476,7 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
             idx = dp.poisson_batch()
             y = data.to_model_range(images[idx]).to(device)
             stats = dp.step(precond, private_batch(dp, precond, y, None if labels is None else labels[idx], idx, k,
-                                                   label_dropout))
+                                                   label_dropout, augment))
             update_ema(state.ema, precond, ema_decay_at(dp.steps, q * n, float(tr["ema_decay"]), tr["ema_rampup"]))
             state.seconds += time.time() - t0
             _record_step(state, stats, p, bar, log_every)
@@ -484,7 +499,7 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
     if rank == 0:
         with staged_outputs(out_dir, marker=LEDGER_FILE) as stage:  # the old cell stays until this is whole
             ledger = _write_outputs(stage, settings, p, state, d, data_dir=data_dir, device=device, world=world,
-                                    started=started)
+                                    started=started, init=(public_init, trained))
         _remove_checkpoint(ckpt_path)
         log.info("done: %d steps, eps_rdp = %.4f, eps_prv = %s (target %g, delta %g) -> %s", dp.steps,
                  ledger["eps_rdp"], ledger["eps_prv"], p["target_eps"], delta, out_dir)
@@ -492,6 +507,36 @@ def _train(settings: dict, data_dir: Path, out_dir: Path, checkpoint_dir: Path, 
     if distributed:
         dist.barrier()
     return summary
+
+
+def _initialise(precond, settings: dict, init_path: Path | None, d: dict) -> tuple[dict | None, dict]:
+    """train.init / train.finetune (dpdm.finetune): load the public model into `precond`
+    and freeze what DP-SGD does not train. Returns (the public model's record or None,
+    the trained parameters' record)."""
+    from dpdm import finetune
+
+    tr = settings["train"]
+    name = (tr.get("init") or {}).get("pretrained")
+    selection = tr.get("finetune", "all")
+    if name is None:
+        if init_path is not None:
+            raise DPDMError(f"--init {init_path} given, but the cell's train.init.pretrained is not set; set it to "
+                            "the public model's name (the ledger must say where the weights came from)")
+        if selection != "all":
+            raise DPDMError(f"config key 'train.finetune' is {selection!r} but train.init.pretrained is not set: a "
+                            "random network would train with parts frozen at random; set train.init.pretrained "
+                            "or train.finetune: all")
+        return None, finetune.freeze_all_but(precond, "all")
+    if init_path is None:
+        raise DPDMError(f"the cell's train.init.pretrained is {name!r}: pass its model with --init "
+                        f"(results/pretrain/{name}/model.pt)")
+    spec = {k: d[k] for k in ("resolution", "channels", "num_classes")}
+    record = finetune.initialise(precond, init_path, settings, spec)
+    always = {finetune.CLASS_EMBEDDING} if record["class_embedding"].startswith("fresh") else set()
+    trained = finetune.freeze_all_but(precond, selection, always=always)
+    log.info("fine-tuning %d of %d parameters (%s) with DP-SGD", trained["trained_parameters"],
+             trained["total_parameters"], selection)
+    return record, trained
 
 
 def _load_training_data(settings: dict, data_dir: Path) -> dict:
@@ -555,9 +600,10 @@ def _remove_checkpoint(ckpt_path: Path) -> None:
 
 
 def _write_outputs(stage: Path, settings: dict, p: dict, state: TrainState, d: dict, data_dir: Path, device,
-                   world: int, started: float) -> dict:
+                   world: int, started: float, init: tuple = (None, None)) -> dict:
     """Write a finished cell's files into `stage` (dpdm.artifacts.staged_outputs): metrics,
     model, the private run record, then the ledger. Returns the ledger."""
+    from dpdm import augment as aug
     from dpdm import diffusion, privacy
 
     tr, pr, dp = settings["train"], settings["privacy"], state.dp
@@ -574,6 +620,10 @@ def _write_outputs(stage: Path, settings: dict, p: dict, state: TrainState, d: d
         choices=pr["choices_on_private_data"], per_example_gradients=dp.per_example_method, world_size=world,
         provenance=provenance(cell=settings.get("cell"), settings=settings,
                               private_inputs=[data_dir / "train.npz", data_dir / "meta.json"], device=device))
+    public_init, trained = init
+    ledger["initialisation"] = public_init or {"kind": "random: the network's initial weights from the cell seed"}
+    ledger["private_parameters"] = trained  # what DP-SGD trained (clipped and noised); the rest is frozen
+    ledger["augmentation_multiplicity"] = aug.check(tr.get("augment"), d["resolution"])  # None: off
     # Timings depend on the realised (secret) batch sizes: private, with the input hashes.
     save_json(stage / PRIVATE_RUN_FILE, {"inputs": {"train.npz": d["sha256"],
                                                     "meta.json": sha256_file(data_dir / "meta.json")},
@@ -607,6 +657,9 @@ def _load_checkpoint(path: Path, settings: dict, guard: dict) -> dict:
     if ck["device_type"] != guard["device_type"]:
         raise DPDMError(f"checkpoint {path} was written on {ck['device_type']} and cannot be resumed exactly on "
                         f"{guard['device_type']}; run on {ck['device_type']} (settings device) or delete {path}")
+    if ck.get("init_sha256") != guard["init_sha256"]:
+        raise DPDMError(f"checkpoint {path} started from another initialisation (public model sha256 "
+                        f"{ck.get('init_sha256')}, now {guard['init_sha256']}); delete {path} to start over")
     if ck["planned_steps"] != guard["planned_steps"] or ck["noise_multiplier"] != guard["noise_multiplier"]:
         raise DPDMError(f"checkpoint {path} planned {ck['planned_steps']} steps at sigma {ck['noise_multiplier']}, "
                         f"this run {guard['planned_steps']} at {guard['noise_multiplier']}; delete {path}")

@@ -197,8 +197,15 @@ def code_hash(command):
 
 
 def _resources_of(rule_name):
-    r = dict(config["resources"].get("default", {}))
-    r.update(config["resources"].get(rule_name, {}))
+    """config resources.<rule> over resources.default; pretrain without its own entry
+    gets train's (one GPU: pre-training runs one process)."""
+    res = config["resources"]
+    r = dict(res.get("default", {}))
+    if rule_name == "pretrain" and "pretrain" not in res:
+        train = res.get("train", {})
+        r.update({k: v for k, v in train.items() if k not in ("processes", "nodes")})
+        r["gpu"] = min(int(r.get("gpu", 0)), 1)
+    r.update(res.get(rule_name, {}))
     return r
 
 
@@ -545,3 +552,42 @@ def audit_options():
     return out + (
         f" --test-only-break {a['test_only_break']}" if a["test_only_break"] else ""
     )
+
+
+# ----------------------------------------------------------------------------
+# Public pre-training and DP fine-tuning (issue 17; dpdm/pretrain.py, dpdm/finetune.py).
+
+
+def pretrain_path(name, path):
+    """A file of public model `name`: {results}/pretrain/{name}/<path>."""
+    return results_path(f"pretrain/{name}/{path}")
+
+
+def pretrain_of(wildcards):
+    """The resolved settings of the public model named by the `name` wildcard."""
+    try:
+        return dpcfg.pretrain_settings(config, wildcards.name)
+    except DPDMError as e:
+        raise WorkflowError(str(e)) from None
+
+
+def get_pretrain_data(wildcards):
+    """The public dataset's prepared train split and meta.json."""
+    dataset = pretrain_of(wildcards)["pretrain"]["dataset"]
+    return [data_path(f"{dataset}/train.npz"), data_path(f"{dataset}/meta.json")]
+
+
+def get_pretrain_settings(wildcards):
+    return json.dumps(pretrain_of(wildcards), sort_keys=True)
+
+
+def get_init_model(wildcards):
+    """The public model a cell fine-tunes (train.init.pretrained), or nothing."""
+    name = (settings_of(wildcards)["train"].get("init") or {}).get("pretrained")
+    return [pretrain_path(name, "model.pt")] if name else []
+
+
+def get_init_arg(wildcards):
+    """`--init <model.pt>` for a fine-tuned cell, else nothing."""
+    model = get_init_model(wildcards)
+    return f"--init {shlex.quote(model[0])}" if model else ""

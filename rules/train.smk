@@ -16,6 +16,7 @@ rule train:
     input:
         train=data_path("{dataset}/train.npz"),
         meta=data_path("{dataset}/meta.json"),
+        init=get_init_model,  # train.init.pretrained: the public model (rules/pretrain.smk)
     output:
         model=cell_path(CELL_FILES["model"]),
         ledger=cell_path(CELL_FILES["privacy"]),
@@ -36,7 +37,8 @@ rule train:
         attempts=get_attempts_log,
         settings=stage_settings("train"),
         code=code_hash("train"),
+        init=get_init_arg,
     shell:
         "exec python -m dpdm train --settings {params.settings:q} --data {params.data:q} --out {params.out:q}"
-        " --procs-per-node {resources.procs_per_node} --nodes {resources.proc_nodes} --stop-with-parent"
+        " {params.init} --procs-per-node {resources.procs_per_node} --nodes {resources.proc_nodes} --stop-with-parent"
         " --log-file {params.attempts:q} > {log:q} 2>&1"

@@ -60,7 +60,8 @@ CI_KEYS = {
 }
 LOCAL_RULES = {"prepare", "fetch_fid_weights", "report_manifest", "report", "ablation", "ablations", "audit_report",
                "audit", "all"}
-GPU_RULES = {"fid_reference", "train", "sample", "fid", "classify", "baseline", "train_judge", "judge"}
+GPU_RULES = {"fid_reference", "pretrain", "train", "sample", "fid", "classify", "baseline", "train_judge",
+             "judge"}
 CPU_RULES = {"audit_cell", "memorisation"}  # cluster jobs that ask for no GPU
 
 SMOKE_TIMEOUT = int(os.environ.get("DPDM_SLURM_SMOKE_TIMEOUT", 1200))

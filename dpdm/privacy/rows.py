@@ -169,6 +169,8 @@ def rows_grads(model, batch_loss_fn, examples):
             raise ValueError(f"layer {type(module).__name__} saw {a.shape[0]} rows for {b} examples: "
                              "rows must be example-major, the same number per example")
         for p, gp in _rule(module)(module, a, g, b).items():
+            if p not in named:  # frozen (fine-tuning a subset, dpdm.finetune): no gradient, not clipped
+                continue
             grads[named[p]] = gp if grads[named[p]] is None else grads[named[p]] + gp
 
     def capture(module, inputs, output):
