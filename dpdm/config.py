@@ -556,6 +556,12 @@ def grid_summary(config: dict, grid: Grid) -> str:
     gpus, runtime = int(train.get("gpu", 0)), float(train.get("runtime", 60))
     budget = (f"; at most {len(grid.cells) * gpus * runtime / 60:.4g} GPU-hours of training "
               f"(resources.train: {gpus} GPU x {runtime:g} min each)" if gpus else "")
+    from dpdm import launch
+
+    per_node, nodes = launch.processes_per_node(train), int(train.get("nodes", 1) or 1)
+    if per_node * nodes > 1:  # what `python -m dpdm train --procs-per-node P --nodes N` execs
+        budget += (f"; each training: torchrun --nproc-per-node={per_node} on {nodes} node(s)"
+                   f"{' under srun, c10d rendezvous' if nodes > 1 else ' --standalone'}")
     return (f"dpdm: {len(grid.cells)} models to train ({len(main)} cells of the grid + {extra} ablation models) "
             f"on {', '.join(datasets) or 'no dataset'}, {runs} sampler runs{budget}")
 

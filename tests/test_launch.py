@@ -166,30 +166,35 @@ def _workdir(tmp_path, name: str, extra: str) -> Path:
     return work
 
 
-def _dry_run_train(work: Path) -> tuple[str, str]:
-    """The train job's shell command and resources in `snakemake -n -p --profile slurm`."""
+def _dry_run_train(work: Path) -> tuple[str, str, str]:
+    """The summary line, the train job's shell command and its resources in `snakemake -n
+    -p --profile slurm`."""
     from test_workflow import run_snakemake
 
     p = run_snakemake(["-n", "-p", "--profile", "slurm", "results/mnist/eps10/seed0/model.pt",
                        "--configfile", "config/config.yaml", "extra.yaml"], cwd=work)
     out = p.stdout + p.stderr
+    summary = re.search(r"^dpdm: \d+ models to train[^\n]*", out, re.M)
     resources = re.search(r"rule train:.*?resources: ([^\n]*)", out, re.S)
     shell = re.search(r"exec python -m dpdm train [^\n]*", out)
-    assert resources and shell, out[-3000:]
-    return shell.group(0), resources.group(1)
+    assert summary and resources and shell, out[-3000:]
+    return summary.group(0), shell.group(0), resources.group(1)
 
 
 def test_the_slurm_dry_run_shows_the_process_counts_and_the_gpu_request(tmp_path):
     """`snakemake -n -p --profile slurm`: with resources.train.gpu 8 the train job asks
     SLURM for 8 GPUs and tells `python -m dpdm train` to start 8 processes (it execs
-    torchrun: test_torchrun_commands_*); on 2 nodes, 4 per node, an srun job of one task
-    per node with the per-node GPU request."""
-    shell, resources = _dry_run_train(_workdir(tmp_path, "gpu8", "resources:\n  train: {gpu: 8}\n"))
+    torchrun: test_torchrun_commands_*), and the summary line names that torchrun launch;
+    on 2 nodes, 4 per node, an srun job of one task per node with the per-node GPU request."""
+    summary, shell, resources = _dry_run_train(_workdir(tmp_path, "gpu8", "resources:\n  train: {gpu: 8}\n"))
+    assert "each training: torchrun --nproc-per-node=8 on 1 node(s) --standalone" in summary
     assert "--procs-per-node 8 --nodes 1" in shell
     for want in ("gpu=8", "procs_per_node=8", "proc_nodes=1"):
         assert want in resources, (want, resources)
     assert "mpi=srun" not in resources
-    shell, resources = _dry_run_train(_workdir(tmp_path, "nodes2", "resources:\n  train: {gpu: 8, nodes: 2}\n"))
+    summary, shell, resources = _dry_run_train(_workdir(tmp_path, "nodes2",
+                                                        "resources:\n  train: {gpu: 8, nodes: 2}\n"))
+    assert "each training: torchrun --nproc-per-node=4 on 2 node(s) under srun, c10d rendezvous" in summary
     assert "--procs-per-node 4 --nodes 2" in shell
     for want in ("gpu=8", "nodes=2", "mpi=srun", "tasks=2", "tasks_per_gpu=0", "--gpus-per-node=4",
                  "procs_per_node=4", "proc_nodes=2"):
