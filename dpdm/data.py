@@ -281,6 +281,12 @@ for _half, _which in DIGITS_HALVES.items():
         f"{'public' if _which == 0 else 'private'} set of the fine-tuning miniature. " + DATASETS["digits"].description)
 
 
+def source_of(dataset: str) -> str:
+    """The dataset whose examples `dataset` holds: digits for its halves, else itself. Releases
+    on datasets of one source compose over the same people (dpdm.report's privacy totals)."""
+    return "digits" if dataset in DIGITS_HALVES else dataset
+
+
 def is_digits(dataset: str) -> bool:
     """digits or one of its halves (prepared from scikit-learn, sized by data.digits_size)."""
     return dataset == "digits" or dataset in DIGITS_HALVES

@@ -394,22 +394,32 @@ def dataset_totals(rel: pd.DataFrame) -> pd.DataFrame:
     """Per dataset, epsilon of EVERYTHING the run releases on it, composed: the RDP curves
     of all the releases' recorded histories added up (PRV composing the same histories as
     the second opinion), at the smallest delta among them."""
+    from dpdm.data import source_of
+
+    rows = [_composed(g, ds, f"TOTAL: all {len(g)} releases on {ds}") for ds, g in rel.groupby("dataset", sort=True)]
+    # Datasets drawn from the same examples (digits and its halves): an example of the half
+    # pays for the releases on both, so their releases compose too.
+    for source, g in rel.groupby(rel["dataset"].map(source_of), sort=True):
+        names = sorted(set(g["dataset"]))
+        if len(names) > 1:
+            rows.append(_composed(g, source, f"TOTAL: all {len(g)} releases on {', '.join(names)} (shared examples)"))
+    return pd.DataFrame(rows)
+
+
+def _composed(g: pd.DataFrame, dataset: str, label: str) -> dict:
+    """One TOTAL row: the releases of `g` composed (RDP; PRV as the second opinion)."""
     from dpdm import privacy
 
-    rows = []
-    for ds, g in rel.groupby("dataset", sort=True):
-        history = [h for hist in g["history"] for h in hist]
-        delta = float(g["delta"].min())
-        try:
-            eps_prv = privacy.epsilon_from_history(history, delta, "prv")
-        except Exception as e:  # PRV can fail numerically on long compositions; RDP is then the guarantee
-            log.warning("PRV composition of %s failed (%s); the RDP total stands", ds, e)
-            eps_prv = np.nan
-        rows.append(dict(release=f"TOTAL: all {len(g)} releases on {ds}", kind="total", dataset=ds,
-                         N=int(g["N"].max()), delta=delta, steps=int(g["steps"].sum()),
-                         eps_rdp=privacy.epsilon_from_history(history, delta, "rdp"), eps_prv=eps_prv,
-                         choices="; ".join(c for c in g["choices"] if c)))
-    return pd.DataFrame(rows)
+    history = [h for hist in g["history"] for h in hist]
+    delta = float(g["delta"].min())
+    try:
+        eps_prv = privacy.epsilon_from_history(history, delta, "prv")
+    except Exception as e:  # PRV can fail numerically on long compositions; RDP is then the guarantee
+        log.warning("PRV composition of %s failed (%s); the RDP total stands", label, e)
+        eps_prv = np.nan
+    return dict(release=label, kind="total", dataset=dataset, N=int(g["N"].max()), delta=delta,
+                steps=int(g["steps"].sum()), eps_rdp=privacy.epsilon_from_history(history, delta, "rdp"),
+                eps_prv=eps_prv, choices="; ".join(c for c in g["choices"] if c))
 
 
 def privacy_table(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
@@ -441,7 +451,8 @@ def privacy_table(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
     caption = ("Privacy ledger of every release: $\\varepsilon$ recomputed by two accountants from the recorded "
                "$\\sigma$, sampling rate $q$ and the steps actually taken; each row holds alone. The TOTAL row of a "
                "dataset composes every release on it (RDP curves added, PRV as a second opinion): the privacy cost "
-               "of publishing all of them together. Last column: choices made by looking at numbers the guarantee "
+               "of publishing all of them together; datasets drawn from the same examples (digits and its halves) get "
+               "a joint TOTAL too. Last column: choices made by looking at numbers the guarantee "
                "does not cover.")
     write_table(wide, tidy, out_dir, "privacy", caption)
 

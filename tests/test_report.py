@@ -106,3 +106,20 @@ def test_privacy_table_composes_every_release_of_a_dataset(results, tmp_path):
     assert total["steps"] == 500 + n * 300
     generator = single[single["kind"] == "generator"].iloc[0]
     assert "sampler A: tuned on train-split FID" in generator["choices"]
+
+
+def test_releases_on_datasets_of_shared_examples_compose_together():
+    """digits_private is half of digits: besides each dataset's own total, one total composes
+    the releases on both (an example of the half pays for all of them)."""
+    def row(ds, steps):
+        return dict(release=f"generator {ds}", kind="generator", dataset=ds, N=700, delta=1e-4, steps=steps,
+                    history=[[1.0, 0.1, steps]], choices="")
+
+    rel = pd.DataFrame([row("digits", 100), row("digits", 50), row("digits_private", 80), row("mnist", 10)])
+    totals = report.dataset_totals(rel).set_index("release")
+    assert list(totals.index) == ["TOTAL: all 2 releases on digits", "TOTAL: all 1 releases on digits_private",
+                                  "TOTAL: all 1 releases on mnist",
+                                  "TOTAL: all 3 releases on digits, digits_private (shared examples)"]
+    both = totals.loc["TOTAL: all 3 releases on digits, digits_private (shared examples)"]
+    assert both["steps"] == 230
+    assert both["eps_rdp"] == pytest.approx(privacy.epsilon_from_history([[1.0, 0.1, 230]], 1e-4, "rdp"))

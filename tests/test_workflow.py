@@ -158,6 +158,12 @@ def test_the_finetuning_grid_dry_runs_through_the_slurm_profile(dry_workdir):
     pretrain = re.search(r"rule pretrain:.*?resources: ([^\n]*)", out, re.S).group(1)
     assert "gpu=1" in pretrain and "slurm_partition=gpu" in pretrain
     assert "--classifier wrn-28-10" in out and "--classifier wrn-16-4" in out
+    # the laptop overlay (digits -> MNIST): its table needs the preset's 2 MNIST cells,
+    # the public model and 2 fine-tuned cells
+    p = run_snakemake(["-n", "results/laptop/tables/finetune_mnist.csv", "--configfile", "config/laptop.yaml",
+                       "config/laptop-finetune.yaml", "--quiet", "rules"], cwd=dry_workdir)
+    assert job_counts(p.stdout + p.stderr) == {"prepare": 2, "pretrain": 1, "train": 4, "sample": 4, "classify": 4,
+                                               "ablation": 1}
 
 
 def test_lint_is_clean(dry_workdir):
@@ -376,17 +382,26 @@ def test_tables_hold_the_numbers_of_the_result_files(smoke):
     priv = pd.read_csv(results / "tables" / "privacy.csv")
     releases = priv[priv["kind"] != "total"]
     for _, row in releases[releases["kind"] == "generator"].iterrows():
-        cell = results / row["dataset"] / f"eps{row['eps']:g}"
-        cell = cell / ("K1" if "/K1/" in row["release"] else "") / "seed0"
+        cell = results / row["release"].split()[-1]  # e.g. "generator digits/eps10/K1/seed0"
         ledger = json.loads((cell / "privacy.json").read_text())
         assert row["eps_rdp"] == pytest.approx(ledger["eps_rdp"])
         assert row["sigma"] == pytest.approx(ledger["noise_multiplier"])
         assert ledger["eps_rdp"] <= row["target_eps"] * (1 + 1e-9)
     # Every release on digits (2 generators, the K1 ablation model, 2 DP-SGD CNNs) composes
     # into the dataset's total, which exceeds every single release and not their sum.
-    total = priv[priv["kind"] == "total"].set_index("dataset").loc["digits"]
-    assert len(releases) == 5 and total["steps"] == releases["steps"].sum()
-    assert releases["eps_rdp"].max() < total["eps_rdp"] <= releases["eps_rdp"].sum()
+    totals = priv[priv["kind"] == "total"].set_index("release")
+    total = totals.loc["TOTAL: all 5 releases on digits"]
+    digits = releases[releases["dataset"] == "digits"]
+    assert len(digits) == 5 and total["steps"] == digits["steps"].sum()
+    assert digits["eps_rdp"].max() < total["eps_rdp"] <= digits["eps_rdp"].sum()
+    # the fine-tuning miniature's two generators on digits_private compose apart from digits'
+    # (disjoint examples); the public model is no release of private data
+    assert sorted(releases[releases["dataset"] == "digits_private"]["release"]) == [
+        "generator digits_private/eps10/public/seed0", "generator digits_private/eps10/scratch/seed0"]
+    assert not releases["release"].str.contains("pretrain").any()
+    # ... but digits_private is half of digits: its examples pay for both, composed
+    both = totals.loc["TOTAL: all 7 releases on digits, digits_private (shared examples)"]
+    assert both["steps"] == releases["steps"].sum() and both["eps_rdp"] > total["eps_rdp"]
     # Ablations: K1 has its own model, K2 is the main eps-10 cell (K = 2 in the smoke config).
     t3 = pd.read_csv(results / "tables" / "table3.csv").set_index("variant")
     for variant, cell in (("K1", "digits/eps10/K1/seed0"), ("K2", "digits/eps10/seed0")):
