@@ -275,11 +275,12 @@ def cmd_report_ablation(args):
 
 def cmd_check_config(args):
     from dpdm import config as cfg
+    from dpdm import launch
 
     files = args.files or [cfg.PACKAGE_DIR.parent / "config" / "config.yaml"]
     config = cfg.load_config(files, args.overrides)
     print(f"{', '.join(map(str, files))}: valid")
-    print(cfg.grid_summary(config, cfg.plan_grid(config)))
+    print(cfg.grid_summary(config, cfg.plan_grid(config)) + launch.describe(cfg.train_resources(config)))
 
 
 def cmd_bench(args):

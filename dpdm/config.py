@@ -546,22 +546,21 @@ def cell_settings(config: dict, plan: CellPlan) -> dict:
     return settings
 
 
+def train_resources(config: dict) -> dict:
+    """resources.train over resources.default: what each training job asks for."""
+    return {**config["resources"].get("default", {}), **config["resources"].get("train", {})}
+
+
 def grid_summary(config: dict, grid: Grid) -> str:
     """One line: what this config trains (a dry run prints it before anything runs)."""
     main = [c for c in grid.cells.values() if not c.variant]
     extra = len(grid.cells) - len(main)
     datasets = sorted({c.dataset for c in grid.cells.values()})
     runs = sum(len(c.samplers) for c in grid.cells.values())
-    train = {**config["resources"].get("default", {}), **config["resources"].get("train", {})}
+    train = train_resources(config)
     gpus, runtime = int(train.get("gpu", 0)), float(train.get("runtime", 60))
     budget = (f"; at most {len(grid.cells) * gpus * runtime / 60:.4g} GPU-hours of training "
               f"(resources.train: {gpus} GPU x {runtime:g} min each)" if gpus else "")
-    from dpdm import launch
-
-    per_node, nodes = launch.processes_per_node(train), int(train.get("nodes", 1) or 1)
-    if per_node * nodes > 1:  # what `python -m dpdm train --procs-per-node P --nodes N` execs
-        budget += (f"; each training: torchrun --nproc-per-node={per_node} on {nodes} node(s)"
-                   f"{' under srun, c10d rendezvous' if nodes > 1 else ' --standalone'}")
     return (f"dpdm: {len(grid.cells)} models to train ({len(main)} cells of the grid + {extra} ablation models) "
             f"on {', '.join(datasets) or 'no dataset'}, {runs} sampler runs{budget}")
 

@@ -65,8 +65,10 @@ def _cell_shape(dataset: str, settings: dict) -> tuple[int, int, int]:
 
 
 def _num_train(dataset: str) -> int:
-    from dpdm.data import DATASETS
+    from dpdm.data import DATASETS, DIGITS_HALVES
 
+    if dataset in DIGITS_HALVES:
+        return 1438 // 2  # about half of digits' train split each
     return int(DATASETS[dataset].expected_counts.get("train") or 1438)  # digits: 1,438 after our split
 
 
@@ -262,10 +264,12 @@ def run(args) -> dict:
               "bench": bench.run(bench_args)}
     log.info("gpu-check: benchmark done (%.0f s)", time.time() - started)
     config = cfg.load_config([args.config or mode["config"]])
-    datasets = list(dict.fromkeys(c.dataset for c in cfg.plan_grid(config).cells.values()))
-    cells = {ds: cfg.resolve_cell(config, ds, eps, seed) for ds, eps, seed in reversed(cfg.iter_cells(config))}
+    cells = {}  # a dataset's first model (a cell or an ablation variant) stands for its step time
+    for plan in cfg.plan_grid(config).cells.values():  # (sigma does not change it)
+        cells.setdefault(plan.dataset, cfg.cell_settings(config, plan))
+    datasets = list(cells)
     timed = {}
-    for ds in datasets:  # a dataset's first cell stands for its step time (sigma does not change it)
+    for ds in datasets:
         timed[ds] = time_training(cells[ds], device, args.steps or mode["steps"], args.budget_s)
         log.info("gpu-check: %s DP step %.3f s (%d steps timed)", ds, timed[ds]["s_per_step"],
                  timed[ds]["steps_timed"])

@@ -51,6 +51,16 @@ def processes_per_node(resources: dict) -> int:
     return procs
 
 
+def describe(resources: dict) -> str:
+    """How each training of these train resources runs, for the dry run's summary ("" for one
+    process): what `python -m dpdm train --procs-per-node P --nodes N` execs."""
+    per_node, nodes = processes_per_node(resources), int(resources.get("nodes", 1) or 1)
+    if per_node * nodes == 1:
+        return ""
+    how = "under srun, c10d rendezvous" if nodes > 1 else "--standalone"
+    return f"; each training: torchrun --nproc-per-node={per_node} on {nodes} node(s) {how}"
+
+
 def under_torchrun() -> bool:
     """True in a process torchrun started (it sets LOCAL_RANK for each)."""
     return "LOCAL_RANK" in os.environ

@@ -54,7 +54,11 @@ try:
 except DPDMError as e:
     raise WorkflowError(str(e)) from None
 if workflow.is_main_process:  # not again inside each job
-    print(dpcfg.grid_summary(config, GRID), file=sys.stderr)
+    print(
+        dpcfg.grid_summary(config, GRID)
+        + launch.describe(dpcfg.train_resources(config)),
+        file=sys.stderr,
+    )
 
 LOSS_CURVES = bool(
     config["report"]["loss_curves"]

@@ -23,11 +23,16 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     assert r["bench"]["dp_ex_per_s"] > 0 and r["bench"]["nonprivate_ex_per_s"] > 0 and r["bench"]["B"] == 8
     digits = r["training"]["digits"]
     assert digits["s_per_step"] > 0 and digits["steps_timed"] == 3 and digits["per_example_method"] == "rows"
-    # the smoke grid: 2 main cells + the K1 ablation model, each projected from the digits step time
+    # the smoke grid: 2 main cells, the K1 ablation model and the fine-tuning miniature's two
+    # models on digits_private, each projected from its dataset's step time
     cells = r["projection"]["cells"]
-    assert sorted(c["cell"] for c in cells) == ["digits/eps1/seed0", "digits/eps10/K1/seed0", "digits/eps10/seed0"]
+    assert sorted(c["cell"] for c in cells) == ["digits/eps1/seed0", "digits/eps10/K1/seed0", "digits/eps10/seed0",
+                                                "digits_private/eps10/public/seed0",
+                                                "digits_private/eps10/scratch/seed0"]
+    assert set(r["training"]) == {"digits", "digits_private"}
     for c in cells:
-        assert c["gpu_hours"] == pytest.approx(c["planned_steps"] * digits["s_per_step"] / 3600)
+        step = r["training"][c["cell"].split("/")[0]]["s_per_step"]
+        assert c["planned_steps"] > 0 and c["gpu_hours"] == pytest.approx(c["planned_steps"] * step / 3600)
     assert r["projection"]["total_gpu_hours"] == pytest.approx(sum(c["gpu_hours"] for c in cells))
     s = r["sampling"]
     assert s["fp32"]["fid_vs_fp32"] == pytest.approx(0.0, abs=1e-3) and s["fp32"]["img_per_s"] > 0

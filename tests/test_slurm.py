@@ -311,8 +311,11 @@ def test_every_cluster_rule_ran_as_a_slurm_job_with_its_own_log(slurm_smoke):
         by_rule[sub.rule] = by_rule.get(sub.rule, 0) + 1
     expected = {r: n for r, n in counts.items() if r not in LOCAL_RULES}
     assert by_rule == expected, f"SLURM jobs per rule {by_rule}, workflow jobs {counts}"
-    # 2 main cells + the K1 ablation model; 2 cells x 2 samplers x 2 classifiers + K1's CNN.
-    assert expected.get("train") == 3 and expected.get("classify") == 9 and expected.get("judge") == 5
+    # 2 main cells + the K1 ablation model + the fine-tuning miniature's 2 models (one public
+    # model pre-trained for them); 2 cells x 2 samplers x 2 classifiers + a CNN for each of the 3
+    # ablation models.
+    assert expected.get("train") == 5 and expected.get("pretrain") == 1
+    assert expected.get("classify") == 11 and expected.get("judge") == 7
     for sub in subs:
         # .snakemake/slurm_logs/rule_<rule>/<wildcards>/<jobid>.log, kept (slurm-keep-successful-logs).
         assert sub.log.is_file() and sub.log.name == f"{sub.jobid}.log", sub.log
