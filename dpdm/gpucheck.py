@@ -5,7 +5,8 @@
 2. DP training steps of each dataset of the paper grid with its real settings (network,
    K, batch, sigma from config/config.yaml; random images of the dataset's shape: the
    time of a step does not depend on the pixels), timed and projected to the hours of
-   every cell (its planned steps) and of the whole grid, on one device.
+   every cell (its planned steps) and of the whole grid, on one device; likewise the
+   non-private pre-training of each public model the grid fine-tunes (config `pretrain`).
 3. DDIM-50 sampling of 10,000 images in fp32 and with TF32, bf16 autocast,
    channels-last and torch.compile: images/s, and each variant's FID against the fp32
    samples from the same latents (the untrained extractor when no Inception weights are
@@ -115,9 +116,63 @@ def time_training(settings: dict, device, steps: int, budget_s: float) -> dict:
             "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
 
 
-def project(config: dict, seconds_per_step: dict) -> dict:
+def time_pretraining(settings: dict, device, steps: int, budget_s: float) -> dict:
+    """Seconds per step of a public model's non-private training (dpdm.pretrain's step:
+    K noise draws per example, the mean loss, one Adam step, the EMA) on random images of
+    its dataset's shape, median over the timed steps, and its planned steps and hours."""
+    import torch
+
+    from dpdm import diffusion, pretrain, train
+
+    pt = settings["pretrain"]
+    res, ch, classes = _cell_shape(pt["dataset"], settings)
+    classes = classes if pt["conditional"] else 0
+    p = pretrain.plan(settings, _num_train(pt["dataset"]))
+    torch.manual_seed(0)
+    precond = diffusion.build_precond(settings, res, ch, classes).to(device)
+    ema = diffusion.build_precond(settings, res, ch, classes).to(device).requires_grad_(False)
+    opt = torch.optim.Adam(precond.parameters(), lr=float(pt["lr"]))
+    gen = torch.Generator(device=device).manual_seed(0)
+    times, started, b = [], time.time(), p["batch_size"]
+    for step in range(int(steps) + 1):  # the first step is not timed
+        _sync(device)
+        t0 = time.time()
+        y = torch.rand([b, ch, res, res], generator=gen, device=device) * 2 - 1
+        labels = torch.randint(classes, [b], generator=gen, device=device) if classes else None
+        draw = diffusion.draw_noise(precond, b, int(pt["noise_multiplicity"]), (ch, res, res), classes,
+                                    float(pt["label_dropout"]), gen)
+        loss = diffusion.batch_loss(precond, y, labels, draw).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train.update_ema(ema, precond, 0.999)
+        _sync(device)
+        if step:
+            times.append(time.time() - t0)
+        if step >= 5 and time.time() - started > budget_s:
+            break
+    s = statistics.median(times)
+    return {"model": pt["name"], "dataset": pt["dataset"], "s_per_step": s, "steps_timed": len(times),
+            "batch": b, "K": int(pt["noise_multiplicity"]), "planned_steps": p["steps"],
+            "gpu_hours": p["steps"] * s / 3600}
+
+
+def public_models(config: dict) -> list[str]:
+    """The public models (config `pretrain`) that some model of the grid fine-tunes."""
+    from dpdm import config as cfg
+
+    names = []
+    for plan in cfg.plan_grid(config).cells.values():
+        name = ((cfg.cell_settings(config, plan)["train"].get("init") or {}).get("pretrained"))
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def project(config: dict, seconds_per_step: dict, pretraining: dict | None = None) -> dict:
     """Hours of every model of the grid (main cells and ablation variants): planned steps
-    x the measured seconds per step of its dataset."""
+    x the measured seconds per step of its dataset; plus the public models' pre-training
+    (time_pretraining's hours), each counted once however many cells share it."""
     from dpdm import config as cfg
     from dpdm import train
 
@@ -128,7 +183,9 @@ def project(config: dict, seconds_per_step: dict) -> dict:
         hours = steps * seconds_per_step[plan.dataset] / 3600
         cells.append({"cell": plan.path, "planned_steps": steps, "gpu_hours": hours})
         total += hours
-    return {"cells": cells, "total_gpu_hours": total}
+    pre = [{k: t[k] for k in ("model", "dataset", "planned_steps", "gpu_hours")} for t in (pretraining or {}).values()]
+    total += sum(t["gpu_hours"] for t in pre)
+    return {"cells": cells, "pretrain": pre, "total_gpu_hours": total}
 
 
 # ----------------------------------------------------------------------------
@@ -274,7 +331,14 @@ def run(args) -> dict:
         log.info("gpu-check: %s DP step %.3f s (%d steps timed)", ds, timed[ds]["s_per_step"],
                  timed[ds]["steps_timed"])
     result["training"] = timed
-    result["projection"] = project(config, {ds: t["s_per_step"] for ds, t in timed.items()})
+    pretraining = {}
+    for name in public_models(config):
+        pretraining[name] = time_pretraining(cfg.pretrain_settings(config, name), device,
+                                             args.steps or mode["steps"], args.budget_s)
+        log.info("gpu-check: pre-training %s step %.3f s (%d steps timed)", name, pretraining[name]["s_per_step"],
+                 pretraining[name]["steps_timed"])
+    result["pretraining"] = pretraining
+    result["projection"] = project(config, {ds: t["s_per_step"] for ds, t in timed.items()}, pretraining)
     result["sampling"] = time_sampling(cells[datasets[0]], device, mode["sample_images"],
                                        mode["sample_steps"], mode["sample_batch"], args.weights, args.model)
     result["wall_s"] = time.time() - started

@@ -33,7 +33,14 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     for c in cells:
         step = r["training"][c["cell"].split("/")[0]]["s_per_step"]
         assert c["planned_steps"] > 0 and c["gpu_hours"] == pytest.approx(c["planned_steps"] * step / 3600)
-    assert r["projection"]["total_gpu_hours"] == pytest.approx(sum(c["gpu_hours"] for c in cells))
+    # the miniature's public model (config/smoke.yaml pretrain.digits_public), counted once
+    pre = r["pretraining"]["digits_public"]
+    assert pre["dataset"] == "digits_public" and pre["s_per_step"] > 0 and pre["steps_timed"] == 3
+    assert pre["planned_steps"] > 0 and pre["gpu_hours"] == pytest.approx(pre["planned_steps"] * pre["s_per_step"]
+                                                                          / 3600)
+    assert r["projection"]["pretrain"] == [{k: pre[k] for k in ("model", "dataset", "planned_steps", "gpu_hours")}]
+    assert r["projection"]["total_gpu_hours"] == pytest.approx(sum(c["gpu_hours"] for c in cells)
+                                                               + pre["gpu_hours"])
     s = r["sampling"]
     assert s["fp32"]["fid_vs_fp32"] == pytest.approx(0.0, abs=1e-3) and s["fp32"]["img_per_s"] > 0
     for name in ("bf16", "channels_last"):
