@@ -73,6 +73,22 @@ def _num_train(dataset: str) -> int:
     return int(DATASETS[dataset].expected_counts.get("train") or 1438)  # digits: 1,438 after our split
 
 
+def _median_step_s(one_step, device, steps: int, budget_s: float) -> tuple[float, int]:
+    """(median seconds of `one_step()`, steps timed): up to `steps` timed after an untimed
+    first one (compilation, the rows check), at least 5, then stopping once past budget_s."""
+    times, started = [], time.time()
+    for step in range(int(steps) + 1):
+        _sync(device)
+        t0 = time.time()
+        one_step()
+        _sync(device)
+        if step:
+            times.append(time.time() - t0)
+        if step >= 5 and time.time() - started > budget_s:
+            break
+    return statistics.median(times), len(times)
+
+
 def time_training(settings: dict, device, steps: int, budget_s: float) -> dict:
     """Seconds per DP step of this cell's real training step (dpdm.train's private_batch,
     DPSGD.step, the EMA update) on random images, median over the timed steps."""
@@ -94,23 +110,17 @@ def time_training(settings: dict, device, steps: int, budget_s: float) -> dict:
                        grad_chunk_size=tr["grad_chunk_size"], dp_seed=0, device=device,
                        batch_loss_fn=diffusion.batch_example_losses)
     gen = torch.Generator(device=device).manual_seed(0)
-    times, started = [], time.time()
-    for step in range(int(steps) + 1):  # the first step (compilation, rows check) is not timed
-        _sync(device)
-        t0 = time.time()
+
+    def one_step():
         idx = dp.poisson_batch()
         y = torch.rand([len(idx), ch, res, res], generator=gen, device=device) * 2 - 1
         labels = torch.randint(classes, [len(idx)], generator=gen, device=device) if classes else None
         dp.step(precond, train.private_batch(dp, precond, y, labels, idx, int(tr["noise_multiplicity"]),
                                              float(tr["label_dropout"])))
         train.update_ema(ema, precond, 0.999)
-        _sync(device)
-        if step:
-            times.append(time.time() - t0)
-        if step >= 5 and time.time() - started > budget_s:
-            break
-    s = statistics.median(times)
-    return {"dataset": settings["cell"]["dataset"], "s_per_step": s, "steps_timed": len(times),
+
+    s, timed = _median_step_s(one_step, device, steps, budget_s)
+    return {"dataset": settings["cell"]["dataset"], "s_per_step": s, "steps_timed": timed,
             "expected_batch": p["sample_rate"] * n, "K": int(tr["noise_multiplicity"]),
             "per_example_method": dp.per_example_method,
             "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
@@ -132,11 +142,9 @@ def time_pretraining(settings: dict, device, steps: int, budget_s: float) -> dic
     precond = diffusion.build_precond(settings, res, ch, classes).to(device)
     ema = diffusion.build_precond(settings, res, ch, classes).to(device).requires_grad_(False)
     opt = torch.optim.Adam(precond.parameters(), lr=float(pt["lr"]))
-    gen = torch.Generator(device=device).manual_seed(0)
-    times, started, b = [], time.time(), p["batch_size"]
-    for step in range(int(steps) + 1):  # the first step is not timed
-        _sync(device)
-        t0 = time.time()
+    gen, b = torch.Generator(device=device).manual_seed(0), p["batch_size"]
+
+    def one_step():
         y = torch.rand([b, ch, res, res], generator=gen, device=device) * 2 - 1
         labels = torch.randint(classes, [b], generator=gen, device=device) if classes else None
         draw = diffusion.draw_noise(precond, b, int(pt["noise_multiplicity"]), (ch, res, res), classes,
@@ -146,13 +154,9 @@ def time_pretraining(settings: dict, device, steps: int, budget_s: float) -> dic
         loss.backward()
         opt.step()
         train.update_ema(ema, precond, 0.999)
-        _sync(device)
-        if step:
-            times.append(time.time() - t0)
-        if step >= 5 and time.time() - started > budget_s:
-            break
-    s = statistics.median(times)
-    return {"model": pt["name"], "dataset": pt["dataset"], "s_per_step": s, "steps_timed": len(times),
+
+    s, timed = _median_step_s(one_step, device, steps, budget_s)
+    return {"model": pt["name"], "dataset": pt["dataset"], "s_per_step": s, "steps_timed": timed,
             "batch": b, "K": int(pt["noise_multiplicity"]), "planned_steps": p["steps"],
             "gpu_hours": p["steps"] * s / 3600}
 
