@@ -161,18 +161,6 @@ def time_pretraining(settings: dict, device, steps: int, budget_s: float) -> dic
             "gpu_hours": p["steps"] * s / 3600}
 
 
-def public_models(config: dict) -> list[str]:
-    """The public models (config `pretrain`) that some model of the grid fine-tunes."""
-    from dpdm import config as cfg
-
-    names = []
-    for plan in cfg.plan_grid(config).cells.values():
-        name = ((cfg.cell_settings(config, plan)["train"].get("init") or {}).get("pretrained"))
-        if name and name not in names:
-            names.append(name)
-    return names
-
-
 def project(config: dict, seconds_per_step: dict, pretraining: dict | None = None) -> dict:
     """Hours of every model of the grid (main cells and ablation variants): planned steps
     x the measured seconds per step of its dataset; plus the public models' pre-training
@@ -325,9 +313,13 @@ def run(args) -> dict:
               "bench": bench.run(bench_args)}
     log.info("gpu-check: benchmark done (%.0f s)", time.time() - started)
     config = cfg.load_config([args.config or mode["config"]])
-    cells = {}  # a dataset's first model (a cell or an ablation variant) stands for its step time
-    for plan in cfg.plan_grid(config).cells.values():  # (sigma does not change it)
-        cells.setdefault(plan.dataset, cfg.cell_settings(config, plan))
+    cells, public = {}, []  # a dataset's first model (a cell or an ablation variant) stands for its
+    for plan in cfg.plan_grid(config).cells.values():  # step time (sigma does not change it)
+        settings = cfg.cell_settings(config, plan)
+        cells.setdefault(plan.dataset, settings)
+        name = (settings["train"].get("init") or {}).get("pretrained")  # a public model it fine-tunes
+        if name and name not in public:
+            public.append(name)
     datasets = list(cells)
     timed = {}
     for ds in datasets:
@@ -336,7 +328,7 @@ def run(args) -> dict:
                  timed[ds]["steps_timed"])
     result["training"] = timed
     pretraining = {}
-    for name in public_models(config):
+    for name in public:
         pretraining[name] = time_pretraining(cfg.pretrain_settings(config, name), device,
                                              args.steps or mode["steps"], args.budget_s)
         log.info("gpu-check: pre-training %s step %.3f s (%d steps timed)", name, pretraining[name]["s_per_step"],
