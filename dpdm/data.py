@@ -583,7 +583,17 @@ def _load_imagenet32(spec: DatasetSpec, folder: Path, download: bool) -> tuple[d
 
 
 CAMELYON17_ROOT = "camelyon17_v1.0"
-CAMELYON17_SPLITS = {"train": 0, "test": 2}  # metadata.csv 'split': 0 train, 1 val (OOD), 2 test (OOD)
+# WILDS' official split scheme (wilds/datasets/camelyon17_dataset.py) is set by hospital, in
+# code, not by metadata.csv's 'split' column (which only separates train, 0, from the
+# in-distribution validation, 1, within each hospital): hospital 2 is the test split and
+# hospital 1 the OOD validation, whatever their 'split' says.
+CAMELYON17_TEST_CENTER, CAMELYON17_VAL_CENTER = 2, 1
+CAMELYON17_SPLITS = {
+    "train": ("'split' == 0 and hospital not in (1, 2)",
+              lambda r: int(r["split"]) == 0 and int(r["center"]) not in (CAMELYON17_VAL_CENTER,
+                                                                          CAMELYON17_TEST_CENTER)),
+    "test": ("hospital == 2", lambda r: int(r["center"]) == CAMELYON17_TEST_CENTER),
+}
 
 
 def _load_camelyon17(spec: DatasetSpec, folder: Path, download: bool) -> tuple[dict, dict]:
@@ -615,8 +625,11 @@ def _load_camelyon17(spec: DatasetSpec, folder: Path, download: bool) -> tuple[d
         raise DPDMError(f"{root / 'metadata.csv'} lacks the WILDS columns {sorted(need)}; it is not Camelyon17-WILDS "
                         f"v1.0. {CAMELYON17_HELP}")
     splits, centers = {}, {}
-    for split, code in CAMELYON17_SPLITS.items():
-        chosen = [r for r in rows if int(r["split"]) == code]
+    for split, (rule, member) in CAMELYON17_SPLITS.items():
+        chosen = [r for r in rows if member(r)]
+        if not chosen:
+            raise DPDMError(f"{root / 'metadata.csv'}: no row is in WILDS' official '{split}' split ({rule}); "
+                            f"it is not Camelyon17-WILDS v1.0. {CAMELYON17_HELP}")
         out = np.empty((len(chosen), spec.resolution, spec.resolution, 3), dtype=np.uint8)
         for i, r in enumerate(tqdm(chosen, desc=f"camelyon17 {split}", unit="img", mininterval=2.0)):
             p, n = int(r["patient"]), int(r["node"])
@@ -632,8 +645,8 @@ def _load_camelyon17(spec: DatasetSpec, folder: Path, download: bool) -> tuple[d
         splits[split] = (out, np.array([int(r["tumor"]) for r in chosen], dtype=np.int64))
         centers[split] = sorted({int(r["center"]) for r in chosen})
     pre = {"source": f"{CAMELYON17_ROOT}/metadata.csv + patches/ (WILDS v1.0)",
-           "split": {s: f"metadata split == {c} (WILDS '{s}'), hospitals {centers[s]}"
-                     for s, c in CAMELYON17_SPLITS.items()},
+           "split": {s: f"WILDS official '{s}': metadata {rule}, hospitals {centers[s]}"
+                     for s, (rule, _) in CAMELYON17_SPLITS.items()},
            "resize": f"PIL Image.Resampling.LANCZOS 96x96 -> {spec.resolution}x{spec.resolution}",
            "labels": "tumor (0 / 1): tumour tissue in the patch's central 32x32 region"}
     return splits, pre

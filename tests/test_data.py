@@ -501,8 +501,11 @@ def _camelyon17_folder(raw: Path) -> list[dict]:
 
     root = raw / data.CAMELYON17_ROOT
     rows = [{"patient": p, "node": n, "x_coord": x, "y_coord": 7, "tumor": t, "center": c, "split": s}
+            # as WILDS' own file: 'split' is 0 (train) or 1 (in-distribution validation) in every
+            # hospital; the official test (hospital 2) and OOD validation (hospital 1) are by centre
             for (p, n, x, t, c, s) in [(4, 1, 10, 0, 0, 0), (4, 1, 11, 1, 0, 0), (15, 2, 3, 1, 3, 0),
-                                       (30, 0, 5, 0, 1, 1), (99, 4, 8, 1, 2, 2), (99, 4, 9, 0, 2, 2)]]
+                                       (15, 2, 4, 0, 3, 1), (30, 0, 5, 0, 1, 0), (99, 4, 8, 1, 2, 0),
+                                       (99, 4, 9, 0, 2, 1)]]
     for i, r in enumerate(rows):
         folder = root / "patches" / f"patient_{r['patient']:03d}_node_{r['node']}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -520,11 +523,15 @@ def test_camelyon17_reads_the_wilds_folder_with_its_hospital_splits(tmp_path):
     raw = data.raw_folder("camelyon17", tmp_path / "rawroot")
     _camelyon17_folder(raw)
     meta = data.prepare("camelyon17", tmp_path / "out", raw_dir=tmp_path / "rawroot", download=False)
-    assert meta["counts"] == {"train": 3, "test": 2}  # split 1 (OOD validation, hospital 1) unused
+    # unused: the in-distribution validation row (split 1, hospital 3) and hospital 1 (OOD
+    # validation) although its 'split' is 0; the test split is all of hospital 2, whatever its 'split'
+    assert meta["counts"] == {"train": 3, "test": 2}
     assert "hospitals [0, 3]" in meta["preprocessing"]["split"]["train"]
     assert "hospitals [2]" in meta["preprocessing"]["split"]["test"]
     x, y = data.load_split(tmp_path / "out", "test")
-    assert x.shape == (2, 32, 32, 3) and y.tolist() == [1, 0] and int(x[0].mean()) == 80
+    assert x.shape == (2, 32, 32, 3) and y.tolist() == [1, 0] and int(x[0].mean()) == 100
+    x, y = data.load_split(tmp_path / "out", "train")
+    assert y.tolist() == [0, 1, 1] and [int(v.mean()) for v in x] == [0, 20, 40]
 
 
 def test_camelyon17_errors_name_the_files_and_the_fix(tmp_path):
@@ -536,4 +543,10 @@ def test_camelyon17_errors_name_the_files_and_the_fix(tmp_path):
     (raw / data.CAMELYON17_ROOT / "patches" / f"patient_{r['patient']:03d}_node_{r['node']}" /
      "patch_patient_004_node_1_x_10_y_7.png").unlink()
     with pytest.raises(DPDMError, match="patch_patient_004_node_1_x_10_y_7.png listed in metadata.csv"):
+        data.prepare("camelyon17", tmp_path / "out", raw_dir=tmp_path / "rawroot", download=False)
+    _camelyon17_folder(raw)  # every patch again
+    csv = raw / data.CAMELYON17_ROOT / "metadata.csv"
+    csv.write_text("".join(line for line in csv.read_text().splitlines(keepends=True) if not line.endswith(",2,0\n")
+                           and not line.endswith(",2,1\n")))  # hospital 2's rows removed
+    with pytest.raises(DPDMError, match=r"no row is in WILDS' official 'test' split \(hospital == 2\)"):
         data.prepare("camelyon17", tmp_path / "out", raw_dir=tmp_path / "rawroot", download=False)
