@@ -31,7 +31,8 @@ ARCHITECTURE_KEYS = ("model", "diffusion")
 SUBSETS = {
     "all": lambda name: True,
     "attention": lambda name: ".attn." in name,
-    "bias_norm": lambda name: name.endswith(".bias") or ".norm" in name,  # GroupNorm scales: normN / attn.norm
+    # biases, and the scales of every GroupNorm (modules named norm0, norm1, attn.norm, out_norm)
+    "bias_norm": lambda name: name.endswith(".bias") or "norm" in name.split(".")[-2],
 }
 
 

@@ -158,6 +158,17 @@ def test_only_the_selected_parameters_change(public_model, halves, tmp_path, sub
     assert trained["trained_parameters"] == sum(public[k].numel() for k in chosen) < trained["total_parameters"]
 
 
+def test_bias_norm_selects_every_bias_and_normalisation_scale_and_nothing_else():
+    """Checked against the modules' types, not the names the selection reads."""
+    from dpdm import diffusion, networks
+
+    precond = diffusion.build_precond(_finetune_settings(), 28, 1, 10)
+    norm_scales = {f"{m}.weight" for m, mod in precond.named_modules() if isinstance(mod, networks.GroupNorm)}
+    biases = {n for n, _ in precond.named_parameters() if n.endswith(".bias")}
+    assert "net.out_norm.weight" in norm_scales and len(norm_scales) > 3
+    assert finetune.select([n for n, _ in precond.named_parameters()], "bias_norm") == norm_scales | biases
+
+
 def test_the_clip_bounds_the_trained_parameters_only(public_model, halves):
     """With a subset frozen, the mechanism's per-example gradients cover only the trained
     parameters, and each clipped one has norm <= C over them."""
