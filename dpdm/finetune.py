@@ -52,8 +52,8 @@ def select(names: list[str], finetune) -> set[str]:
                             f"of {sorted(SUBSETS)}")
         chosen = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
     if not chosen:
-        raise DPDMError(f"config key 'train.finetune': {finetune!r} selects no parameter of this network (e.g. "
-                        "'attention' with model.attn_resolutions empty); choose another subset")
+        raise DPDMError(f"config key 'train.finetune': {finetune!r} selects no parameter of this network; "
+                        f"choose another of {sorted(SUBSETS)} or a list of parameter-name patterns")
     return chosen
 
 
