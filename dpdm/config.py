@@ -332,6 +332,44 @@ def pretrain_settings(config: dict, name: str) -> dict:
             "device": config.get("device", "auto")}
 
 
+def _check_public_start(config: dict, settings: dict, where: str) -> None:
+    """A cell may fine-tune a public model only if the model saw none of the cell's own
+    examples: DP-SGD's guarantee covers the fine-tuning, never a start point trained on the
+    same people without privacy."""
+    from dpdm.data import image_shape, shares_examples
+    from dpdm.finetune import architecture_difference
+
+    name = (settings["train"].get("init") or {}).get("pretrained")
+    if not name:
+        return
+    pub = pretrain_settings(config, name)
+    public, private = pub["pretrain"]["dataset"], settings["cell"]["dataset"]
+    cell = f"cell {private}/{settings['cell']['eps_tag']} fine-tunes the public model {name!r}"
+    if shares_examples(public, private):
+        raise DPDMError(f"{where}: {cell}, pre-trained WITHOUT privacy on {public}, which holds examples of the "
+                        f"cell's own private data ({private}); its DP guarantee would not hold. Pre-train on data "
+                        f"disjoint from {private} (e.g. digits_public for digits_private cells)")
+    # What dpdm.finetune checks when the cell starts, found before the pre-training runs.
+    diff = architecture_difference(pub, settings)
+    if diff:
+        raise DPDMError(f"{where}: {cell}, whose settings differ from the cell's in {', '.join(diff)}; give "
+                        f"pretrain.{name}.settings the cell's values (or the cell the model's)")
+    shapes = [image_shape(public, pub)[:2], image_shape(private, settings)[:2]]
+    if shapes[0] != shapes[1]:
+        raise DPDMError(f"{where}: {cell}, pre-trained on {public} images of (resolution, channels) {shapes[0]}, but "
+                        f"the cell's are {shapes[1]}; pre-train on public data of the cell's shape")
+
+
+def public_models(config: dict, grid: Grid) -> dict[str, str]:
+    """{name: public dataset} of every public model a cell of the grid fine-tunes."""
+    out = {}
+    for plan in grid.cells.values():
+        name = (cell_settings(config, plan)["train"].get("init") or {}).get("pretrained")
+        if name:
+            out.setdefault(name, pretrain_settings(config, name)["pretrain"]["dataset"])
+    return out
+
+
 def _check_pretrained_names(config: dict) -> None:
     """Every train.init.pretrained of the config names an entry of `pretrain`."""
     names = set(config.get("pretrain") or {})
@@ -461,6 +499,7 @@ def plan_grid(config: dict) -> Grid:
     by_signature: dict[str, str] = {}
     for ds, eps, seed in iter_cells(config):
         settings = resolve_cell(config, ds, eps, seed)
+        _check_public_start(config, settings, f"config key 'datasets.{ds}'")
         plan = CellPlan(ds, eps, seed, eval_settings={k: settings[k] for k in EVAL_SECTIONS})
         conditional = DATASETS[ds].num_classes > 0
         for name, options in settings["samplers"].items():
@@ -485,6 +524,7 @@ def plan_grid(config: dict) -> Grid:
                 for vname, overrides in variants.items():
                     merged = deep_merge(abl.get("settings") or {}, overrides or {})
                     settings = resolve_cell(config, ds, eps, seed, merged, vname)
+                    _check_public_start(config, settings, f"{where}.variants.{vname}")
                     sig = _training_signature(ds, eps, seed, settings)
                     if sig not in by_signature:
                         plan = CellPlan(ds, float(eps), int(seed), vname, merged,

@@ -287,9 +287,23 @@ def source_of(dataset: str) -> str:
     return "digits" if dataset in DIGITS_HALVES else dataset
 
 
+def shares_examples(a: str, b: str) -> bool:
+    """Whether datasets a and b may hold the same training examples: the same dataset, or
+    digits and one of its halves (the two halves are disjoint)."""
+    return a == b or (source_of(a) == source_of(b) and {a, b} != set(DIGITS_HALVES))
+
+
 def is_digits(dataset: str) -> bool:
     """digits or one of its halves (prepared from scikit-learn, sized by data.digits_size)."""
     return dataset == "digits" or dataset in DIGITS_HALVES
+
+
+def image_shape(dataset: str, settings: dict) -> tuple[int, int, int]:
+    """(resolution, channels, classes) of a dataset as prepared with `settings` (digits and
+    its halves at data.digits_size)."""
+    spec = dataset_spec(dataset)
+    res = settings["data"]["digits_size"] if is_digits(dataset) else spec.resolution
+    return int(res), int(spec.channels), int(spec.num_classes)
 
 
 def dataset_spec(name: str) -> DatasetSpec:

@@ -69,6 +69,16 @@ def freeze_all_but(precond, finetune, always: set[str] = frozenset()) -> dict:
             "trained_parameters": sum(sizes[n] for n in trained), "total_parameters": sum(sizes.values())}
 
 
+def architecture_difference(public: dict, cell: dict) -> list[str]:
+    """The ARCHITECTURE_KEYS settings (as 'model.channels') in which a public model's
+    settings differ from a cell's, for the first section that differs; [] if none."""
+    for key in ARCHITECTURE_KEYS:
+        a, b = public.get(key) or {}, cell.get(key) or {}
+        if a != b:
+            return [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return []
+
+
 def pretrained_path(results_dir: str | Path, name: str) -> Path:
     return Path(results_dir) / "pretrain" / name / "model.pt"
 
@@ -94,18 +104,23 @@ def load_pretrained(path: Path, settings: dict, spec: dict) -> tuple[dict, dict]
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT or "pretrain" not in obj:
         raise DPDMError(f"train.init.pretrained: {path} is not a model written by `python -m dpdm pretrain`; a DP "
                         "cell's model cannot be a public initialisation")
-    public = obj["settings"]
-    for key in ARCHITECTURE_KEYS:
-        if public.get(key) != settings.get(key):
-            diff = sorted(k for k in set(public.get(key) or {}) | set(settings.get(key) or {})
-                          if (public.get(key) or {}).get(k) != (settings.get(key) or {}).get(k))
-            raise DPDMError(f"train.init.pretrained: {path} has another {key} than this cell (differing keys: "
-                            f"{', '.join(f'{key}.{k}' for k in diff)}); pre-train with the cell's {key} settings, "
-                            "or set the cell's to the public model's")
+    diff = architecture_difference(obj["settings"], settings)
+    if diff:
+        key = diff[0].split(".")[0]
+        raise DPDMError(f"train.init.pretrained: {path} has another {key} than this cell (differing keys: "
+                        f"{', '.join(diff)}); pre-train with the cell's {key} settings, or set the cell's to the "
+                        "public model's")
     for key in ("resolution", "channels"):
         if int(obj["spec"][key]) != int(spec[key]):
             raise DPDMError(f"train.init.pretrained: {path} was trained on {key} {obj['spec'][key]}, this cell's "
                             f"data has {spec[key]}; pre-train on public data of the cell's {key}")
+    from dpdm.data import shares_examples
+
+    public_data, private_data = obj["pretrain"]["dataset"], (settings.get("cell") or {}).get("dataset")
+    if private_data and shares_examples(public_data, private_data):
+        raise DPDMError(f"train.init.pretrained: {path} was pre-trained without privacy on {public_data}, which "
+                        f"holds examples of this cell's private data ({private_data}); the cell's DP guarantee "
+                        f"would not hold. Pre-train on public data disjoint from {private_data}")
     state = dict(obj["ema"])
     fresh_labels = int(obj["spec"]["num_classes"]) != int(spec["num_classes"])
     if fresh_labels:

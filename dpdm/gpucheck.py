@@ -24,6 +24,8 @@ import logging
 import statistics
 import time
 
+from dpdm.data import image_shape
+
 log = logging.getLogger("dpdm")
 
 FULL = {"bench": ["--batch", "4096", "--k", "32", "--physical-batch", "256", "--chunk", "32", "--repeats", "3"],
@@ -57,14 +59,6 @@ def _sync(device) -> None:
 # 2. Training steps, projected.
 
 
-def _cell_shape(dataset: str, settings: dict) -> tuple[int, int, int]:
-    from dpdm.data import DATASETS, is_digits
-
-    spec = DATASETS[dataset]
-    res = settings["data"]["digits_size"] if is_digits(dataset) else spec.resolution
-    return int(res), int(spec.channels), int(spec.num_classes)
-
-
 def _num_train(dataset: str) -> int:
     from dpdm.data import DATASETS, DIGITS_HALVES
 
@@ -96,7 +90,7 @@ def time_training(settings: dict, device, steps: int, budget_s: float) -> dict:
 
     from dpdm import diffusion, privacy, train
 
-    res, ch, classes = _cell_shape(settings["cell"]["dataset"], settings)
+    res, ch, classes = image_shape(settings["cell"]["dataset"], settings)
     n = _num_train(settings["cell"]["dataset"])
     p = train.plan(settings, n)
     tr = settings["train"]
@@ -135,7 +129,7 @@ def time_pretraining(settings: dict, device, steps: int, budget_s: float) -> dic
     from dpdm import diffusion, pretrain, train
 
     pt = settings["pretrain"]
-    res, ch, classes = _cell_shape(pt["dataset"], settings)
+    res, ch, classes = image_shape(pt["dataset"], settings)
     classes = classes if pt["conditional"] else 0
     p = pretrain.plan(settings, _num_train(pt["dataset"]))
     torch.manual_seed(0)
@@ -232,7 +226,7 @@ def _sampling_network(settings: dict, device, model_path=None):
     if model_path:
         precond, trained, _ = diffusion.load_model(model_path, device)
         return precond, trained
-    res, ch, classes = _cell_shape(settings["cell"]["dataset"], settings)
+    res, ch, classes = image_shape(settings["cell"]["dataset"], settings)
     torch.manual_seed(0)
     precond = diffusion.build_precond(settings, res, ch, classes).to(device).eval()
     with torch.no_grad():
@@ -253,7 +247,7 @@ def time_sampling(settings: dict, device, images: int, steps: int, batch: int, w
     from dpdm import fid, sampling
 
     base, settings = _sampling_network(settings, device, model_path)
-    res, ch, classes = _cell_shape(settings["cell"]["dataset"], settings)
+    res, ch, classes = image_shape(settings["cell"]["dataset"], settings)
     gen = torch.Generator(device=device).manual_seed(0)
     latents = torch.randn([images, ch, res, res], generator=gen, device=device)
     labels = torch.arange(images, device=device) % classes if classes else None

@@ -47,6 +47,9 @@ def test_the_halves_are_disjoint_and_cover_digits_train(halves, tmp_path):
     assert set(np.unique(pub_labels)) == set(np.unique(priv_labels)) == set(range(10))  # stratified
     meta = data.load_meta(halves / "digits_private")
     assert meta["dataset"] == "digits_private" and "second of two disjoint halves" in meta["preprocessing"]["half"]
+    # what the privacy checks and totals read: the halves share no example, each shares with digits
+    assert data.shares_examples("digits", "digits_public") and data.shares_examples("digits_private", "digits")
+    assert not data.shares_examples("digits_public", "digits_private") and not data.shares_examples("mnist", "digits")
 
 
 def pretrain_settings(**over) -> dict:
@@ -247,3 +250,38 @@ def test_the_config_names_known_public_models():
         cfg.validate(config)
     with pytest.raises(DPDMError, match="no public model named 'x'"):
         cfg.pretrain_settings(config, "x")
+
+
+def test_a_cell_cannot_fine_tune_a_model_pre_trained_on_its_own_examples(public_model, halves, tmp_path):
+    """The plan refuses it (both for a main cell and an ablation's variant), and so does the
+    training itself, from the dataset the public model records; the plan also refuses a
+    public model of another architecture or image size."""
+    smoke = cfg.load_config([REPO / "config" / "smoke.yaml"])
+    assert cfg.public_models(smoke, cfg.plan_grid(smoke)) == {"digits_public": "digits_public"}
+    # digits holds digits_public's examples
+    main = cfg.deep_merge(smoke, {"datasets": {"digits": {"settings": {"train": {"init": {
+        "pretrained": "digits_public"}}}}}})
+    with pytest.raises(DPDMError, match=r"config key 'datasets.digits': cell digits/eps1 fine-tunes the public model "
+                                        r"'digits_public', pre-trained WITHOUT privacy on digits_public, which holds "
+                                        r"examples of the cell's own private data \(digits\)"):
+        cfg.plan_grid(main)
+    own = cfg.deep_merge(smoke, {"pretrain": {"digits_public": {"dataset": "digits_private"}}})
+    with pytest.raises(DPDMError, match=r"ablations.finetune'.variants.public: .*on digits_private"):
+        cfg.plan_grid(own)
+    # an architecture or image size the cells cannot load: refused before the pre-training runs
+    wide = cfg.deep_merge(smoke, {"pretrain": {"digits_public": {"settings": {"model": {"channels": 99}}}}})
+    with pytest.raises(DPDMError, match=r"variants.public: cell digits_private/eps10 fine-tunes the public model "
+                                        r"'digits_public', whose settings differ from the cell's in model.channels"):
+        cfg.plan_grid(wide)
+    big = cfg.deep_merge(smoke, {"pretrain": {"digits_public": {"settings": {"data": {"digits_size": 16}}}}})
+    with pytest.raises(DPDMError, match=r"pre-trained on digits_public images of \(resolution, channels\) \(16, 1\), "
+                                        r"but the cell's are \(8, 1\)"):
+        cfg.plan_grid(big)
+    s = _finetune_settings()
+    path = public_model[0] / "model.pt"
+    spec = torch.load(path, weights_only=True)["spec"]
+    assert finetune.load_pretrained(path, s, spec)[1]["dataset"] == "digits_public"  # digits_private: disjoint
+    s["cell"]["dataset"] = "digits"  # the public model of the fixture saw digits_public
+    with pytest.raises(DPDMError, match="pre-trained without privacy on digits_public, which holds examples of this "
+                                        r"cell's private data \(digits\)"):
+        finetune.load_pretrained(path, s, spec)
