@@ -14,6 +14,7 @@ the workflow writes (`REPORT_MANIFEST`), never by parsing a path.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 CELL = "{dataset}/{eps}/{variant}seed{seed}"  # {eps} is eps_tag(eps); {variant} is "" or "name/"
 CELL_FILES = {
@@ -99,6 +100,15 @@ def cell_entries(results: str, dataset: str, eps: float, seed: int, variant: str
         out += [entry("judge", sampler)] if judge else []
         out += [entry("memorisation", sampler), entry(memorisation, sampler)] if memorisation else []
     return out
+
+
+PRETRAIN_RECORD = "pretrain/{name}/pretrain.json"
+
+
+def pretrain_entry(results: str, name: str, dataset: str) -> Entry:
+    """A public model's record: a release WITHOUT privacy (eps = inf) on its dataset; the
+    variant field holds the model's name."""
+    return Entry("pretrain", f"{results}/{PRETRAIN_RECORD.format(name=name)}", dataset, math.inf, 0, name)
 
 
 def baseline_entries(results: str, dataset: str, eps: float, seed: int, classifiers: list) -> list[Entry]:

@@ -43,7 +43,7 @@ PRETTY_DATASET = {
 }
 PRETTY_CLASSIFIER = {"logreg": "Log Reg", "mlp": "MLP", "cnn": "CNN", "wrn-16-4": "WRN-16-4", "wrn-28-10": "WRN-28-10"}
 UNTRAINED_NOTE = "FID from an UNTRAINED extractor (test-only mode): not comparable to the paper"
-KINDS = ("privacy", "metrics", "fid", "classify", "judge", "baseline", "grid")  # what the report reads
+KINDS = ("privacy", "metrics", "fid", "classify", "judge", "baseline", "grid", "pretrain")  # what the report reads
 
 
 # ----------------------------------------------------------------------------
@@ -104,6 +104,9 @@ def collect(entries: list[layout.Entry], loss_curves: bool = False) -> dict[str,
                 expected_batch=data["expected_batch_size"], epochs=data["epochs"], history=data["history"],
                 choices="; ".join(data.get("choices_on_private_data") or []),
             )
+        elif kind == "pretrain":  # a public model: no privacy mechanism at all
+            info.update(name=e.variant, N=data["num_examples"], steps=data["steps"],
+                        dataset_sha256=data["dataset_sha256"])
         elif kind == "fid":
             fids = data.get("fids") or {(data.get("reference") or {}).get("split", "train"): data["fid"]}
             info.update(fid=data["fid"], test_only=bool(data.get("test_only", False)),
@@ -382,6 +385,11 @@ def releases(res: dict[str, pd.DataFrame]) -> pd.DataFrame:
     for _, r in res["baseline"].iterrows():
         rows.append(dict(release=f"DP-SGD {r['classifier']} {layout.cell_dir(r['dataset'], r['eps'], r['seed'])}",
                          kind="baseline", **{k: r[k] for k in RELEASE_COLUMNS}, choices=r["choices"]))
+    for _, r in res.get("pretrain", pd.DataFrame()).iterrows():
+        rows.append(dict(release=f"public model {r['name']} (pre-trained without DP)", kind="public",
+                         dataset=r["dataset"], eps=np.inf, seed=r["seed"], N=r["N"], steps=r["steps"],
+                         eps_rdp=np.inf, eps_prv=np.inf, history=[],
+                         choices=f"no privacy mechanism: {r['dataset']} must be public data"))
     df = pd.DataFrame(rows)
     return df
 
@@ -394,22 +402,36 @@ def dataset_totals(rel: pd.DataFrame) -> pd.DataFrame:
     """Per dataset, epsilon of EVERYTHING the run releases on it, composed: the RDP curves
     of all the releases' recorded histories added up (PRV composing the same histories as
     the second opinion), at the smallest delta among them."""
-    from dpdm.data import source_of
+    from dpdm.data import shares_examples
 
     rows = [_composed(g, ds, f"TOTAL: all {len(g)} releases on {ds}") for ds, g in rel.groupby("dataset", sort=True)]
-    # Datasets drawn from the same examples (digits and its halves): an example of the half
-    # pays for the releases on both, so their releases compose too.
-    for source, g in rel.groupby(rel["dataset"].map(source_of), sort=True):
-        names = sorted(set(g["dataset"]))
-        if len(names) > 1:
-            rows.append(_composed(g, source, f"TOTAL: all {len(g)} releases on {', '.join(names)} (shared examples)"))
+    # Datasets that share examples (digits and either of its halves; the halves are
+    # disjoint): an example of dataset d pays for the releases on every dataset holding it,
+    # so those compose too, once per d whose examples are shared.
+    datasets = sorted(set(rel["dataset"]))
+    seen = set()
+    for d in datasets:
+        names = tuple(e for e in datasets if shares_examples(d, e))
+        if len(names) > 1 and names not in seen:
+            seen.add(names)
+            g = rel[rel["dataset"].isin(names)]
+            rows.append(_composed(g, d, f"TOTAL: all {len(g)} releases on {', '.join(names)} (shared examples)"))
     return pd.DataFrame(rows)
 
 
 def _composed(g: pd.DataFrame, dataset: str, label: str) -> dict:
-    """One TOTAL row: the releases of `g` composed (RDP; PRV as the second opinion)."""
+    """One TOTAL row: the releases of `g` composed (RDP; PRV as the second opinion). A
+    public model among them (trained without privacy) makes the total infinite: nothing
+    bounds what it reveals of those examples."""
     from dpdm import privacy
 
+    public = g[g["kind"] == "public"]
+    if len(public):
+        names = ", ".join(public["release"].str.split().str[2])
+        return dict(release=f"{label}: NOT PRIVATE (public model {names} saw these examples without DP)",
+                    kind="total", dataset=dataset, N=int(g["N"].max()), delta=float(g["delta"].min()),
+                    steps=int(g["steps"].sum()), eps_rdp=np.inf, eps_prv=np.inf,
+                    choices="; ".join(c for c in g["choices"] if c))
     history = [h for hist in g["history"] for h in hist]
     delta = float(g["delta"].min())
     try:
@@ -428,12 +450,13 @@ def privacy_table(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
     everything the run releases on it (composition)."""
     rel = releases(res).sort_values(["dataset", "kind", "eps", "seed", "release"], kind="stable")
     tidy = pd.concat([rel, dataset_totals(rel)], ignore_index=True).drop(columns=["history"], errors="ignore")
-    tidy = tidy.sort_values(["dataset", "kind"], key=lambda c: c.map({"generator": 0, "baseline": 1, "total": 2})
+    order = {"generator": 0, "baseline": 1, "public": 2, "total": 3}
+    tidy = tidy.sort_values(["dataset", "kind"], key=lambda c: c.map(order)
                             if c.name == "kind" else c, kind="stable").reset_index(drop=True)
     tidy = tidy.astype({c: "Int64" for c in ("seed", "steps", "K") if c in tidy})  # the totals leave them blank
 
     def num(col, fmt):
-        return [("" if pd.isna(v) else fmt(v)) for v in tidy[col]]
+        return [("" if pd.isna(v) else r"$\infty$" if v == np.inf else fmt(v)) for v in tidy[col]]
 
     wide = pd.DataFrame({
         "release": [_escape(r) for r in tidy["release"]],
@@ -452,7 +475,8 @@ def privacy_table(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
                "$\\sigma$, sampling rate $q$ and the steps actually taken; each row holds alone. The TOTAL row of a "
                "dataset composes every release on it (RDP curves added, PRV as a second opinion): the privacy cost "
                "of publishing all of them together; datasets drawn from the same examples (digits and its halves) get "
-               "a joint TOTAL too. Last column: choices made by looking at numbers the guarantee "
+               "a joint TOTAL too. A public model (pre-trained without DP) is listed with $\\varepsilon = \\infty$ on its "
+               "data: any TOTAL over examples it saw is not private. Last column: choices made by looking at numbers the guarantee "
                "does not cover.")
     write_table(wide, tidy, out_dir, "privacy", caption)
 

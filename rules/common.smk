@@ -336,6 +336,11 @@ def report_entries():
         for e in cell_entries(plan)
         if e.kind == "privacy"
     ]
+    # the public models the grid fine-tunes: releases without privacy, in the privacy table
+    out += [
+        layout.pretrain_entry(RESULTS, name, dataset)
+        for name, dataset in dpcfg.public_models(config, GRID).items()
+    ]
     if LOSS_CURVES:
         out += [e for e in main if e.kind == "metrics"]
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -123,3 +124,33 @@ def test_releases_on_datasets_of_shared_examples_compose_together():
     both = totals.loc["TOTAL: all 3 releases on digits, digits_private (shared examples)"]
     assert both["steps"] == 230
     assert both["eps_rdp"] == pytest.approx(privacy.epsilon_from_history([[1.0, 0.1, 230]], 1e-4, "rdp"))
+
+
+def test_a_public_model_makes_every_total_over_its_examples_not_private():
+    """A public model (pre-trained without DP) on digits_public: its own total and digits'
+    (digits holds digits_public's examples) are infinite; digits_private, the disjoint other
+    half, composes only its releases with digits'."""
+    def row(ds, steps, kind="generator"):
+        return dict(release=f"generator {ds}", kind=kind, dataset=ds, N=700, delta=1e-4, steps=steps,
+                    history=[[1.0, 0.1, steps]], choices="")
+
+    res = {"privacy": pd.DataFrame(), "baseline": pd.DataFrame(), "fid": pd.DataFrame(), "classify": pd.DataFrame(),
+           "pretrain": pd.DataFrame([dict(name="pub", dataset="digits_public", eps=np.inf, seed=0, variant="pub",
+                                          N=719, steps=240, dataset_sha256="ab")])}
+    public = report.releases(res)
+    assert public[["release", "kind", "dataset"]].values.tolist() == [
+        ["public model pub (pre-trained without DP)", "public", "digits_public"]]
+    assert public["eps_rdp"].tolist() == [np.inf]
+    rel = pd.concat([pd.DataFrame([row("digits", 100), row("digits_private", 80)]), public], ignore_index=True)
+    totals = report.dataset_totals(rel).set_index("release")["eps_rdp"]
+    note = ": NOT PRIVATE (public model pub saw these examples without DP)"
+    assert totals.to_dict() == {
+        "TOTAL: all 1 releases on digits": pytest.approx(privacy.epsilon_from_history([[1.0, 0.1, 100]], 1e-4, "rdp")),
+        "TOTAL: all 1 releases on digits_private": pytest.approx(
+            privacy.epsilon_from_history([[1.0, 0.1, 80]], 1e-4, "rdp")),
+        "TOTAL: all 1 releases on digits_public" + note: np.inf,
+        "TOTAL: all 3 releases on digits, digits_private, digits_public (shared examples)" + note: np.inf,
+        "TOTAL: all 2 releases on digits, digits_private (shared examples)": pytest.approx(
+            privacy.epsilon_from_history([[1.0, 0.1, 180]], 1e-4, "rdp")),
+        "TOTAL: all 2 releases on digits, digits_public (shared examples)" + note: np.inf,
+    }

@@ -380,7 +380,7 @@ def test_tables_hold_the_numbers_of_the_result_files(smoke):
         assert row["judge_mean"] == pytest.approx(100 * judge["judge_acc"]) and not row["judge_covered_by_dp"]
     assert "untrained" in (results / "tables" / "table1.tex").read_text().lower()
     priv = pd.read_csv(results / "tables" / "privacy.csv")
-    releases = priv[priv["kind"] != "total"]
+    releases = priv[~priv["kind"].isin(["total", "public"])]  # the DP releases
     for _, row in releases[releases["kind"] == "generator"].iterrows():
         cell = results / row["release"].split()[-1]  # e.g. "generator digits/eps10/K1/seed0"
         ledger = json.loads((cell / "privacy.json").read_text())
@@ -401,7 +401,20 @@ def test_tables_hold_the_numbers_of_the_result_files(smoke):
     assert not releases["release"].str.contains("pretrain").any()
     # ... but digits_private is half of digits: its examples pay for both, composed
     both = totals.loc["TOTAL: all 7 releases on digits, digits_private (shared examples)"]
-    assert both["steps"] == releases["steps"].sum() and both["eps_rdp"] > total["eps_rdp"]
+    assert both["steps"] == releases["steps"].sum() and total["eps_rdp"] < both["eps_rdp"] < float("inf")
+    # The public model is a release too, without privacy, on digits_public: the other half of
+    # digits. Any total over its examples is not private, and says so; digits_private's is not touched.
+    public = priv[priv["kind"] == "public"]
+    assert list(public["release"]) == ["public model digits_public (pre-trained without DP)"]
+    assert public["dataset"].tolist() == ["digits_public"] and public["eps_rdp"].tolist() == [float("inf")]
+    not_private = totals[totals["eps_rdp"] == float("inf")].index
+    assert sorted(not_private) == sorted([
+        "TOTAL: all 1 releases on digits_public: NOT PRIVATE (public model digits_public saw these examples without DP)",
+        "TOTAL: all 6 releases on digits, digits_public (shared examples): NOT PRIVATE (public model digits_public "
+        "saw these examples without DP)",
+        "TOTAL: all 8 releases on digits, digits_private, digits_public (shared examples): NOT PRIVATE (public "
+        "model digits_public saw these examples without DP)"])
+    assert r"$\infty$" in (results / "tables" / "privacy.tex").read_text()
     # Ablations: K1 has its own model, K2 is the main eps-10 cell (K = 2 in the smoke config).
     t3 = pd.read_csv(results / "tables" / "table3.csv").set_index("variant")
     for variant, cell in (("K1", "digits/eps10/K1/seed0"), ("K2", "digits/eps10/seed0")):
