@@ -59,14 +59,19 @@ def select(names: list[str], finetune) -> set[str]:
 
 def freeze_all_but(precond, finetune, always: set[str] = frozenset()) -> dict:
     """Freeze every parameter that `finetune` does not select (nor `always`); returns
-    {"selection", "trained", "trained_parameters", "total_parameters"} for the ledger."""
+    {"selection", "trained_tensors", "total_tensors", "trained_parameters",
+    "total_parameters"} for the ledger, and the trained tensors' names when not all train
+    (a named subset's meaning would otherwise depend on the code version)."""
     names = [n for n, _ in precond.named_parameters()]
     trained = select(names, finetune) | (set(always) & set(names))
     for n, p in precond.named_parameters():
         p.requires_grad_(n in trained)
     sizes = {n: p.numel() for n, p in precond.named_parameters()}
-    return {"selection": finetune, "trained_tensors": len(trained), "total_tensors": len(names),
-            "trained_parameters": sum(sizes[n] for n in trained), "total_parameters": sum(sizes.values())}
+    out = {"selection": finetune, "trained_tensors": len(trained), "total_tensors": len(names),
+           "trained_parameters": sum(sizes[n] for n in trained), "total_parameters": sum(sizes.values())}
+    if len(trained) < len(names):
+        out["trained_names"] = sorted(trained)
+    return out
 
 
 def architecture_difference(public: dict, cell: dict) -> list[str]:

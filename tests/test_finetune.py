@@ -133,7 +133,7 @@ def test_finetuning_starts_from_the_public_weights(public_model, halves, tmp_pat
     assert ledger["initialisation"]["name"] == "pub" and ledger["initialisation"]["dataset"] == "digits_public"
     assert ledger["initialisation"]["model_sha256"] == data.sha256_file(out / "model.pt")
     assert ledger["initialisation"]["privacy_cost"].startswith("none")
-    assert ledger["private_parameters"]["selection"] == "all"
+    assert ledger["private_parameters"]["selection"] == "all" and "trained_names" not in ledger["private_parameters"]
     # a cell from scratch differs from the public model, and says so
     scratch = tmp_path / "scratch"
     s = _finetune_settings(lr=1e-12)
@@ -157,7 +157,7 @@ def test_only_the_selected_parameters_change(public_model, halves, tmp_path, sub
     assert changed and changed <= chosen, sorted(changed - chosen)[:5]
     assert len(changed) >= 0.8 * len(chosen)  # the selected ones do train
     trained = json.loads((cell / "privacy.json").read_text())["private_parameters"]
-    assert trained["trained_tensors"] == len(chosen)
+    assert trained["trained_tensors"] == len(chosen) and trained["trained_names"] == sorted(chosen)
     assert trained["trained_parameters"] == sum(public[k].numel() for k in chosen) < trained["total_parameters"]
 
 
