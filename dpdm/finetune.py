@@ -26,8 +26,10 @@ from dpdm.errors import DPDMError
 log = logging.getLogger("dpdm.finetune")
 
 CLASS_EMBEDDING = "net.map_label.weight"
-# Settings that fix the network's shape: the public model's must equal the cell's.
+# Settings that fix the network and what its outputs mean: the public model's must equal
+# the cell's, except dropout (a training choice; fine-tuning may use its own).
 ARCHITECTURE_KEYS = ("model", "diffusion")
+FREE_KEYS = {"model.dropout"}
 SUBSETS = {
     "all": lambda name: True,
     "attention": lambda name: ".attn." in name,
@@ -79,8 +81,10 @@ def architecture_difference(public: dict, cell: dict) -> list[str]:
     settings differ from a cell's, for the first section that differs; [] if none."""
     for key in ARCHITECTURE_KEYS:
         a, b = public.get(key) or {}, cell.get(key) or {}
-        if a != b:
-            return [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        diff = [f"{key}.{k}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and f"{key}.{k}" not in FREE_KEYS]
+        if diff:
+            return diff
     return []
 
 

@@ -475,9 +475,9 @@ def privacy_table(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
                "$\\sigma$, sampling rate $q$ and the steps actually taken; each row holds alone. The TOTAL row of a "
                "dataset composes every release on it (RDP curves added, PRV as a second opinion): the privacy cost "
                "of publishing all of them together; datasets drawn from the same examples (digits and its halves) get "
-               "a joint TOTAL too. A public model (pre-trained without DP) is listed with $\\varepsilon = \\infty$ on its "
-               "data: any TOTAL over examples it saw is not private. Last column: choices made by looking at numbers the guarantee "
-               "does not cover.")
+               "a joint TOTAL too. A public model (pre-trained without DP) is listed with $\\varepsilon = \\infty$ "
+               "on its data: any TOTAL over examples it saw is not private. Last column: choices made by looking at "
+               "numbers the guarantee does not cover.")
     write_table(wide, tidy, out_dir, "privacy", caption)
 
 

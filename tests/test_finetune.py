@@ -273,6 +273,7 @@ def test_a_cell_cannot_fine_tune_a_model_pre_trained_on_its_own_examples(public_
     with pytest.raises(DPDMError, match=r"variants.public: cell digits_private/eps10 fine-tunes the public model "
                                         r"'digits_public', whose settings differ from the cell's in model.channels"):
         cfg.plan_grid(wide)
+    cfg.plan_grid(cfg.deep_merge(smoke, {"pretrain": {"digits_public": {"settings": {"model": {"dropout": 0.1}}}}}))
     big = cfg.deep_merge(smoke, {"pretrain": {"digits_public": {"settings": {"data": {"digits_size": 16}}}}})
     with pytest.raises(DPDMError, match=r"pre-trained on digits_public images of \(resolution, channels\) \(16, 1\), "
                                         r"but the cell's are \(8, 1\)"):
