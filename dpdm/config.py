@@ -332,12 +332,29 @@ def pretrain_settings(config: dict, name: str) -> dict:
             "device": config.get("device", "auto")}
 
 
+# Settings that fix the network and what its outputs mean: the public model's must equal
+# the cell's, except dropout (a training choice; fine-tuning may use its own).
+ARCHITECTURE_KEYS = ("model", "diffusion")
+FREE_KEYS = {"model.dropout"}
+
+
+def architecture_difference(public: dict, cell: dict) -> list[str]:
+    """The ARCHITECTURE_KEYS settings (as 'model.channels') in which a public model's
+    settings differ from a cell's, for the first section that differs; [] if none."""
+    for key in ARCHITECTURE_KEYS:
+        a, b = public.get(key) or {}, cell.get(key) or {}
+        diff = [f"{key}.{k}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and f"{key}.{k}" not in FREE_KEYS]
+        if diff:
+            return diff
+    return []
+
+
 def _check_public_start(config: dict, settings: dict, where: str) -> None:
     """A cell may fine-tune a public model only if the model saw none of the cell's own
     examples: DP-SGD's guarantee covers the fine-tuning, never a start point trained on the
     same people without privacy."""
     from dpdm.data import image_shape, shares_examples
-    from dpdm.finetune import architecture_difference
 
     name = (settings["train"].get("init") or {}).get("pretrained")
     if not name:

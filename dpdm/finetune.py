@@ -21,15 +21,12 @@ import fnmatch
 import logging
 from pathlib import Path
 
+from dpdm.config import architecture_difference
 from dpdm.errors import DPDMError
 
 log = logging.getLogger("dpdm.finetune")
 
 CLASS_EMBEDDING = "net.map_label.weight"
-# Settings that fix the network and what its outputs mean: the public model's must equal
-# the cell's, except dropout (a training choice; fine-tuning may use its own).
-ARCHITECTURE_KEYS = ("model", "diffusion")
-FREE_KEYS = {"model.dropout"}
 SUBSETS = {
     "all": lambda name: True,
     "attention": lambda name: ".attn." in name,
@@ -74,18 +71,6 @@ def freeze_all_but(precond, finetune, always: set[str] = frozenset()) -> dict:
     if len(trained) < len(names):
         out["trained_names"] = sorted(trained)
     return out
-
-
-def architecture_difference(public: dict, cell: dict) -> list[str]:
-    """The ARCHITECTURE_KEYS settings (as 'model.channels') in which a public model's
-    settings differ from a cell's, for the first section that differs; [] if none."""
-    for key in ARCHITECTURE_KEYS:
-        a, b = public.get(key) or {}, cell.get(key) or {}
-        diff = [f"{key}.{k}" for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k) and f"{key}.{k}" not in FREE_KEYS]
-        if diff:
-            return diff
-    return []
 
 
 def pretrained_path(results_dir: str | Path, name: str) -> Path:
