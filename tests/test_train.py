@@ -135,13 +135,14 @@ def test_ctrl_c_checkpoints_like_sigterm(tmp_path, digits_dir, monkeypatch):
     """Ctrl-C (SIGINT) finishes the step, checkpoints and exits 75; the rerun resumes."""
     settings = tiny_settings(max_steps=3)
     out = tmp_path / "cell"
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under `cmd &` in a script
     with monkeypatch.context() as m:
         _signal_after(m, 2, signal.SIGINT)
         with pytest.raises(SystemExit) as e:
             train.train(settings, digits_dir, out, dp_seed=7)
     assert e.value.code == train.EXIT_CHECKPOINTED
     assert torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=True)["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
     assert train.train(settings, digits_dir, out, dp_seed=7)["steps"] == 3
 
 
