@@ -72,13 +72,6 @@ FID_SPLITS = dpcfg.fid_splits(
 DATA = config["paths"]["data"]
 RESULTS = config["paths"]["results"]
 FID_WEIGHTS_DEFAULT = "weights/pt_inception-2015-12-05-6726825d.pth"
-# Where prepare looks for raw files ($DPDM_RAW_DIR, else paths.raw). Deliberately not a
-# param of the prepare rule: Snakemake reruns a job whose params change, and the folder's
-# location cannot change what prepare writes (every raw file with a published checksum is
-# verified), so moving it, or naming it by a relative instead of an absolute path, must not
-# rerun every cell. User-supplied folders (ImageNet32, Camelyon17) have no checksums: after
-# replacing their files, rerun with `-R prepare` (README).
-RAW_DIR = dpcfg.env_or(config["paths"]["raw"], "DPDM_RAW_DIR") or "raw"
 # The memorisation check (rules/memorisation.smk) and where its figure of the closest
 # sample / training pairs goes: private/ unless the user opts in.
 MEMORISATION_FIGURE = (
@@ -461,6 +454,11 @@ def all_outputs():
 def get_data_dir(wildcards):
     """The prepared dataset's folder: {paths.data}/{dataset}."""
     return data_path(wildcards.dataset)
+
+
+def get_raw_dir(wildcards):
+    """Where prepare looks for raw files ($DPDM_RAW_DIR, else paths.raw)."""
+    return dpcfg.env_or(config["paths"]["raw"], "DPDM_RAW_DIR") or "raw"
 
 
 def get_digits_size(wildcards):

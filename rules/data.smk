@@ -20,11 +20,12 @@ rule prepare:
         "../environment.yml"
     params:
         out=get_data_dir,
+        raw=get_raw_dir,
         digits_size=get_digits_size,
         code=code_hash("prepare"),
     shell:
         "python -m dpdm prepare --dataset {wildcards.dataset} --out {params.out:q}"
-        " --raw-dir {RAW_DIR:q} --digits-size {params.digits_size} > {log:q} 2>&1"
+        " --raw-dir {params.raw:q} --digits-size {params.digits_size} > {log:q} 2>&1"
 
 
 rule fetch_fid_weights:

@@ -572,22 +572,6 @@ def test_each_rule_hashes_the_code_of_the_command_it_runs():
         assert len(commands) == 1 and hashed == sorted(commands), (name, commands, hashed)
 
 
-@pytest.mark.workflow
-def test_moving_the_raw_folder_reruns_nothing(smoke, tmp_path):
-    """Where the raw files lie cannot change what prepare writes (they are verified by
-    checksum), so another DPDM_RAW_DIR must not rerun the grid (before: the folder was a
-    param of prepare, and a relative instead of an absolute path reran every cell). The
-    folder still reaches prepare's command."""
-    work, _ = smoke
-    elsewhere = tmp_path / "raw-elsewhere"
-    env = {"DPDM_RAW_DIR": str(elsewhere)}
-    p = run_snakemake(["-n", "all", "--configfile", "config/smoke.yaml"], cwd=work, env=env)
-    assert "Nothing to be done" in p.stdout + p.stderr
-    p = run_snakemake(["-n", "-p", "all", "--configfile", "config/smoke.yaml", "--forcerun", "prepare",
-                       "--until", "prepare"], cwd=work, env=env)
-    assert f"--raw-dir {elsewhere}" in p.stdout + p.stderr
-
-
 def _dry_run_after_appending(work, module: str) -> dict[str, int]:
     path = work / "dpdm" / f"{module}.py"
     original = path.read_text()
