@@ -284,24 +284,34 @@ def _train_epoch(model, optimizer, x, y, batch_size: int, generator) -> tuple[fl
 
 
 def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Shuffled (train, val) index arrays, stratified by label when every class has >= 2 examples."""
-    from sklearn.model_selection import train_test_split
+    """Shuffled (train, val) index arrays, ceil(val_fraction * n) of them for validation.
 
-    idx = np.arange(len(labels))
-    n_val = math.ceil(val_fraction * len(labels))
-    counts = np.bincount(labels)
-    stratify = labels if (counts[counts > 0].min() >= 2 and n_val >= len(counts[counts > 0])
-                          and len(labels) - n_val >= len(counts[counts > 0])) else None
-    if stratify is None:
+    Stratified by label when every class has >= 2 examples (and the set is large enough
+    for one of each class on both sides): class c gives val_fraction of its n_c examples,
+    the fractional shares rounded by largest remainder so the counts sum to the total;
+    else a random split. numpy only (sklearn's import alone cost ~2 s per job)."""
+    n = len(labels)
+    n_val = math.ceil(val_fraction * n)
+    if not 0 < n_val < n:
+        raise DPDMError(f"classify: cannot split {n} samples into train/validation (val_fraction {val_fraction}): "
+                        f"{n_val} validation and {n - n_val} training samples; generate more samples")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() < 2 or n_val < len(classes) or n - n_val < len(classes):
         log.warning("classify: some class has fewer than 2 samples (or the set is too small); "
                     "the train/validation split is random, not stratified")
-    try:
-        train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, shuffle=True,
-                                              stratify=stratify)
-    except ValueError as e:
-        raise DPDMError(f"classify: cannot split {len(labels)} samples into train/validation "
-                        f"(val_fraction {val_fraction}): {e}") from e
-    return np.asarray(train_idx), np.asarray(val_idx), stratify is not None
+        perm = rng.permutation(n)
+        return perm[n_val:], perm[:n_val], False
+    share = counts * n_val / n
+    take = np.floor(share).astype(int)  # < n_c, since n_val < n
+    for c in np.argsort(-(share - take), kind="stable")[: n_val - int(take.sum())]:
+        take[c] += 1
+    train, val = [], []
+    for cls, k in zip(classes, take):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        val.append(members[:k])
+        train.append(members[k:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(val)), True
 
 
 # ----------------------------------------------------------------------------
@@ -385,7 +395,7 @@ def classify(settings: dict, samples_path, test_path, classifier: str, out_path)
         "sizes": {"synthetic": int(len(syn_y)), "train": int(len(ytr)), "val": int(len(yva)),
                   "test": int(len(yte))},
         "split": {"val_fraction": val_fraction, "stratified": stratified, "seed": seed,
-                  "method": "sklearn.model_selection.train_test_split(shuffle=True)"},
+                  "method": "per-class shuffle, shares by largest remainder (numpy default_rng(seed))"},
         "seed": seed,
         "hyperparameters": {"optimizer": "adam", "lr": lr, "batch_size": batch_size, "epochs": epochs,
                             "input_scaling": INPUT_SCALING, "loss": "cross-entropy"},

@@ -29,16 +29,17 @@ from dpdm.data import image_shape
 log = logging.getLogger("dpdm")
 
 FULL = {"bench": ["--batch", "4096", "--k", "32", "--physical-batch", "256", "--chunk", "32", "--repeats", "3"],
-        "config": "config/config.yaml", "steps": 200, "sample_images": 10000, "sample_steps": 50,
+        "config": ["config/config.yaml"], "steps": 200, "sample_images": 10000, "sample_steps": 50,
         "sample_batch": 1000}
-QUICK = {"bench": ["--quick", "--no-memory", "--no-hooks"], "config": "config/smoke.yaml", "steps": 3,
+QUICK = {"bench": ["--quick", "--no-memory", "--no-hooks"], "config": ["config/smoke.yaml", "config/smoke-finetune.yaml"], "steps": 3,
          "sample_images": 32, "sample_steps": 4, "sample_batch": 16}
 VARIANTS = ("fp32", "tf32", "bf16", "channels_last", "compile")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a CPU miniature of every part (about a minute; CI)")
-    p.add_argument("--config", help="the grid to project (default: config/config.yaml; --quick: config/smoke.yaml)")
+    p.add_argument("--config", nargs="+", help="the grid to project: config files, later ones layered on earlier "
+                   "ones (default: config/config.yaml; --quick: config/smoke.yaml config/smoke-finetune.yaml)")
     p.add_argument("--steps", type=int, help="DP steps timed per dataset (default 200; --quick: 3)")
     p.add_argument("--budget-s", type=float, default=240.0, help="stop timing a dataset's steps after this long")
     p.add_argument("--device", default="auto")
@@ -306,7 +307,7 @@ def run(args) -> dict:
     result = {"device": device_name(device), "torch_version": torch.__version__, "quick": bool(args.quick),
               "bench": bench.run(bench_args)}
     log.info("gpu-check: benchmark done (%.0f s)", time.time() - started)
-    config = cfg.load_config([args.config or mode["config"]])
+    config = cfg.load_config(args.config or mode["config"])
     cells, public = {}, []  # a dataset's first model (a cell or an ablation variant) stands for its
     for plan in cfg.plan_grid(config).cells.values():  # step time (sigma does not change it)
         settings = cfg.cell_settings(config, plan)

@@ -33,7 +33,8 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     for c in cells:
         step = r["training"][c["cell"].split("/")[0]]["s_per_step"]
         assert c["planned_steps"] > 0 and c["gpu_hours"] == pytest.approx(c["planned_steps"] * step / 3600)
-    # the miniature's public model (config/smoke.yaml pretrain.digits_public), counted once
+    # the miniature's public model (pretrain.digits_public of config/smoke.yaml, used by the
+    # config/smoke-finetune.yaml layer that --quick projects too), counted once
     pre = r["pretraining"]["digits_public"]
     assert pre["dataset"] == "digits_public" and pre["s_per_step"] > 0 and pre["steps_timed"] == 3
     assert pre["planned_steps"] > 0 and pre["gpu_hours"] == pytest.approx(pre["planned_steps"] * pre["s_per_step"]

@@ -228,11 +228,16 @@ def test_an_override_that_cannot_take_effect_stops_the_workflow(dry_workdir):
 # The smoke pipeline, end to end.
 
 
+# The suite's smoke run: README's (config/smoke.yaml) with issue 17's fine-tuning miniature
+# layered on (config/smoke-finetune.yaml); every later command on its folder names both.
+SMOKE_CONFIGS = ["config/smoke.yaml", "config/smoke-finetune.yaml"]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     work = copy_workflow(tmp_path_factory.mktemp("smoke"))
     t0 = time.time()
-    run_snakemake(["all", "--cores", "2", "--configfile", "config/smoke.yaml"], cwd=work, timeout=1800)
+    run_snakemake(["all", "--cores", "2", "--configfile", *SMOKE_CONFIGS], cwd=work, timeout=1800)
     return work, time.time() - t0
 
 
@@ -492,14 +497,14 @@ def test_the_learning_check_fails_on_an_untrained_model(smoke, tmp_path):
 def _smoke_config(work):
     from dpdm.config import load_config
 
-    return load_config([work / "config" / "smoke.yaml"])
+    return load_config([work / c for c in SMOKE_CONFIGS])
 
 
 @pytest.mark.workflow
 def test_rerunning_one_cell_reruns_its_chain_and_the_report_only(smoke):
     work, _ = smoke
     p = run_snakemake(
-        ["-n", "all", "--configfile", "config/smoke.yaml", "-R", "results/smoke/digits/eps10/seed0/model.pt"],
+        ["-n", "all", "--configfile", *SMOKE_CONFIGS, "-R", "results/smoke/digits/eps10/seed0/model.pt"],
         cwd=work,
     )
     counts = job_counts(p.stdout + p.stderr)
@@ -514,7 +519,7 @@ def test_rerunning_one_cell_reruns_its_chain_and_the_report_only(smoke):
 @pytest.mark.workflow
 def test_nothing_to_do_after_the_smoke_run(smoke):
     work, _ = smoke
-    p = run_snakemake(["-n", "all", "--configfile", "config/smoke.yaml"], cwd=work)
+    p = run_snakemake(["-n", "all", "--configfile", *SMOKE_CONFIGS], cwd=work)
     assert "Nothing to be done" in p.stdout + p.stderr
 
 
@@ -538,7 +543,7 @@ def test_a_code_change_reruns_the_rules_that_use_the_module(smoke):
     original = sampling.read_text()
     try:
         sampling.write_text(original + "\n# a change\n")
-        p = run_snakemake(["-n", "all", "--configfile", "config/smoke.yaml"], cwd=work)
+        p = run_snakemake(["-n", "all", "--configfile", *SMOKE_CONFIGS], cwd=work)
     finally:
         sampling.write_text(original)
     counts = job_counts(p.stdout + p.stderr)
@@ -577,7 +582,7 @@ def _dry_run_after_appending(work, module: str) -> dict[str, int]:
     original = path.read_text()
     try:
         path.write_text(original + "\n# a change\n")
-        p = run_snakemake(["-n", "all", "--configfile", "config/smoke.yaml", "--quiet", "rules"], cwd=work)
+        p = run_snakemake(["-n", "all", "--configfile", *SMOKE_CONFIGS, "--quiet", "rules"], cwd=work)
     finally:
         path.write_text(original)
     out = p.stdout + p.stderr
@@ -596,7 +601,7 @@ def test_a_change_to_per_example_gradients_retrains(smoke):
 
 def _downstream(work) -> dict[str, set[str]]:
     """rule -> the rules that read its outputs, from `snakemake --rulegraph` of the smoke config."""
-    p = run_snakemake(["--rulegraph", "dot", "all", "--configfile", "config/smoke.yaml"], cwd=work)
+    p = run_snakemake(["--rulegraph", "dot", "all", "--configfile", *SMOKE_CONFIGS], cwd=work)
     names = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)"', p.stdout, re.M))
     graph = {name: set() for name in names.values()}
     for a, b in re.findall(r"^\s*(\d+) -> (\d+)", p.stdout, re.M):
@@ -662,7 +667,7 @@ def test_tables_compile_in_a_standard_latex_document(smoke, tmp_path):
 def test_html_report_holds_tables_figures_and_grids(smoke):
     work, _ = smoke
     out = work / "results" / "smoke" / "report.html"
-    run_snakemake(["all", "--configfile", "config/smoke.yaml", "--report", str(out)], cwd=work, timeout=600)
+    run_snakemake(["all", "--configfile", *SMOKE_CONFIGS, "--report", str(out)], cwd=work, timeout=600)
     html = out.read_text(errors="replace")
     for name in ("table1.csv", "privacy.csv", "table3.csv", "fid_vs_eps.png", "table6.png", "grid_fid.png"):
         assert name in html, name
