@@ -183,7 +183,7 @@ def _untrained_backbone(seed: int):
     Convolutions get He-normal weights so activations keep their scale through the
     network (PyTorch's default init shrinks them by orders of magnitude over ~40 layers);
     batch norms are the identity. Built on the meta device and filled once: PyTorch's
-    default init of the 24M parameters, thrown away here, cost ~2.5 s per FID job on CPU.
+    default init of the 24M parameters, thrown away here, cost ~3 s per FID job on CPU.
     """
     import torch
 
@@ -301,7 +301,7 @@ def build_extractor(extractor: str = "inception", weights_path=None, device: Any
             "FID extractor 'untrained': random Inception weights (seed %d). These numbers are NOT FIDs "
             "and are for offline tests only.", UNTRAINED_SEED,
         )
-        net = _untrained_backbone(UNTRAINED_SEED)  # built once (building costs ~2 s on CPU)
+        net = _untrained_backbone(UNTRAINED_SEED)
         identity = {
             "name": UNTRAINED_NAME,
             "weights": f"untrained-seed-{UNTRAINED_SEED}",

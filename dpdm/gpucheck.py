@@ -31,8 +31,9 @@ log = logging.getLogger("dpdm")
 FULL = {"bench": ["--batch", "4096", "--k", "32", "--physical-batch", "256", "--chunk", "32", "--repeats", "3"],
         "config": ["config/config.yaml"], "steps": 200, "sample_images": 10000, "sample_steps": 50,
         "sample_batch": 1000}
-QUICK = {"bench": ["--quick", "--no-memory", "--no-hooks"], "config": ["config/smoke.yaml", "config/smoke-finetune.yaml"], "steps": 3,
-         "sample_images": 32, "sample_steps": 4, "sample_batch": 16}
+QUICK = {"bench": ["--quick", "--no-memory", "--no-hooks"],
+         "config": ["config/smoke.yaml", "config/smoke-finetune.yaml"], "steps": 3, "sample_images": 32,
+         "sample_steps": 4, "sample_batch": 16}
 VARIANTS = ("fp32", "tf32", "bf16", "channels_last", "compile")
 
 

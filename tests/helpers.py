@@ -8,6 +8,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DPDM_SHARED_DATA") or REPO.parent / "shared" / "data")
+# The suite's smoke run: README's (config/smoke.yaml) with issue 17's fine-tuning miniature
+# layered on; every command on a smoke run's folder names both.
+SMOKE_CONFIGS = ["config/smoke.yaml", "config/smoke-finetune.yaml"]
 
 
 def subprocess_env(**extra: str) -> dict:

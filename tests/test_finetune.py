@@ -23,7 +23,7 @@ import torch
 from dpdm import config as cfg
 from dpdm import data, finetune, pretrain, train
 from dpdm.artifacts import DPDMError
-from helpers import REPO  # tests/helpers.py
+from helpers import REPO, SMOKE_CONFIGS  # tests/helpers.py
 from test_train import tiny_settings  # the tiny cell of the training tests
 
 
@@ -244,7 +244,7 @@ def test_bad_fine_tuning_inputs_are_clear_errors(public_model, halves, tmp_path)
 
 
 def test_the_config_names_known_public_models():
-    config = cfg.load_config([REPO / "config" / "smoke.yaml", REPO / "config" / "smoke-finetune.yaml"])
+    config = cfg.load_config([REPO / c for c in SMOKE_CONFIGS])
     config = cfg.deep_merge(config, {"datasets": {"digits": {"settings": {"train": {"init": {"pretrained": "x"}}}}}})
     with pytest.raises(DPDMError, match=r"datasets.digits.settings.train.init.pretrained': no public model named 'x'"):
         cfg.validate(config)
@@ -256,7 +256,7 @@ def test_a_cell_cannot_fine_tune_a_model_pre_trained_on_its_own_examples(public_
     """The plan refuses it (both for a main cell and an ablation's variant), and so does the
     training itself, from the dataset the public model records; the plan also refuses a
     public model of another architecture or image size."""
-    smoke = cfg.load_config([REPO / "config" / "smoke.yaml", REPO / "config" / "smoke-finetune.yaml"])
+    smoke = cfg.load_config([REPO / c for c in SMOKE_CONFIGS])
     assert cfg.public_models(smoke, cfg.plan_grid(smoke)) == {"digits_public": "digits_public"}
     # digits holds digits_public's examples
     main = cfg.deep_merge(smoke, {"datasets": {"digits": {"settings": {"train": {"init": {

@@ -41,7 +41,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_workflow import copy_workflow, job_counts  # noqa: E402
 
-from helpers import REPO  # tests/helpers.py
+from helpers import REPO, SMOKE_CONFIGS  # tests/helpers.py
 
 SLURM_DIR = REPO / "tests" / "slurm"
 MAIN_PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.v9+.yaml"
@@ -262,7 +262,7 @@ def slurm_smoke(cluster, tmp_path_factory):
     work = copy_workflow(tmp_path_factory.mktemp("slurm_smoke"))
     t0 = time.time()
     with JobRecorder(work) as rec:
-        rc, out = run_bounded(["all", *PROFILE_ARGS, "--configfile", "config/smoke.yaml", str(SLURM_DIR / "ci.yaml")],
+        rc, out = run_bounded(["all", *PROFILE_ARGS, "--configfile", *SMOKE_CONFIGS, str(SLURM_DIR / "ci.yaml")],
                               work, SMOKE_TIMEOUT, "smoke", rec)
     return SimpleNamespace(work=work, rc=rc, out=out, jobs=rec.jobs, seconds=time.time() - t0)
 
@@ -275,7 +275,7 @@ def test_smoke_workflow_completes_through_the_slurm_profile(slurm_smoke):
     assert "Using profiles slurm and workflow/profiles/slurm-ci" in s.out
     print(f"smoke workflow on SLURM: {s.seconds:.0f} s, {len(s.jobs)} SLURM jobs")
     # Everything the local run makes is there and up to date: a local dry run has nothing to do.
-    p = subprocess.run(SNAKEMAKE + ["-n", "all", "--configfile", "config/smoke.yaml"], cwd=s.work,
+    p = subprocess.run(SNAKEMAKE + ["-n", "all", "--configfile", *SMOKE_CONFIGS], cwd=s.work,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "Nothing to be done" in p.stdout + p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
     results = s.work / "results" / "smoke"

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from dpdm.artifacts import sha256_file
-from helpers import REPO  # tests/helpers.py
+from helpers import REPO, SMOKE_CONFIGS  # tests/helpers.py
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -226,11 +226,6 @@ def test_an_override_that_cannot_take_effect_stops_the_workflow(dry_workdir):
 
 # ----------------------------------------------------------------------------
 # The smoke pipeline, end to end.
-
-
-# The suite's smoke run: README's (config/smoke.yaml) with issue 17's fine-tuning miniature
-# layered on (config/smoke-finetune.yaml); every later command on its folder names both.
-SMOKE_CONFIGS = ["config/smoke.yaml", "config/smoke-finetune.yaml"]
 
 
 @pytest.fixture(scope="module")
