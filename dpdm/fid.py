@@ -160,20 +160,24 @@ def fetch_weights(out_path: str | os.PathLike, url: str = WEIGHTS_URL, timeout: 
 
 
 def _fid_inception_backbone():
-    """torchvision's Inception v3 with pytorch-fid's FID blocks, no weights loaded."""
+    """torchvision's Inception v3 with pytorch-fid's FID blocks, on the meta device: no
+    weights until the caller loads or draws them (PyTorch's default init of the 24M
+    weights, always replaced, cost ~3 s per FID job on CPU)."""
+    import torch
     import torchvision
     from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
 
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
-    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = FIDInceptionE_1(1280)
-    net.Mixed_7c = FIDInceptionE_2(2048)
+    with torch.device("meta"):
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+        net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        net.Mixed_7b = FIDInceptionE_1(1280)
+        net.Mixed_7c = FIDInceptionE_2(2048)
     return net
 
 
@@ -182,14 +186,11 @@ def _untrained_backbone(seed: int):
 
     Convolutions get He-normal weights so activations keep their scale through the
     network (PyTorch's default init shrinks them by orders of magnitude over ~40 layers);
-    batch norms are the identity. Built on the meta device and filled once: PyTorch's
-    default init of the 24M parameters, thrown away here, cost ~3 s per FID job on CPU.
+    batch norms are the identity.
     """
     import torch
 
-    with torch.device("meta"):
-        net = _fid_inception_backbone()
-    net = net.to_empty(device="cpu")
+    net = _fid_inception_backbone().to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in net.modules():
@@ -287,7 +288,7 @@ def build_extractor(extractor: str = "inception", weights_path=None, device: Any
         path = resolve_weights(weights_path)
         state = torch.load(path, map_location="cpu", weights_only=True)
         try:
-            net.load_state_dict(state)
+            net.load_state_dict(state, assign=True)  # every tensor from the file (strict)
         except RuntimeError as e:
             raise DPDMError(f"Inception weights file {path} does not fit the FID Inception network: {e}") from e
         identity = {
